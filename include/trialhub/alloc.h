@@ -15,6 +15,11 @@ void *th_calloc(size_t n, size_t size);
 void *th_realloc_array(void *ptr, size_t n, size_t size);
 void th_free(void *ptr);
 
+/* Zeroed memory for n objects of size bytes aligned to align (a power of two, at least
+ * sizeof(void *)), for types declared with _Alignas beyond malloc's alignment. Free with
+ * th_free(). Fails with NULL on overflow or when fault injection says so. */
+void *th_aligned_calloc(size_t align, size_t n, size_t size);
+
 /* Test hook: the next `countdown` fallible acquisitions succeed and the one after fails, once.
  * A negative countdown disables injection (the default). Returns nothing; thread-safe, but
  * meant for single-threaded constructor tests. Counts acquisitions on every thread. */

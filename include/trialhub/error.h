@@ -11,23 +11,23 @@
 #endif
 
 /* XX(name, value, message). The values are part of the ABI and of logs: append only. */
-#define TH_ERRNO_MAP(XX)                                                                          \
-    XX(ENOMEM, -1, "out of memory")                                                               \
-    XX(EINVAL, -2, "invalid argument")                                                            \
-    XX(EOVERLOAD, -3, "overloaded: queue full")                                                   \
-    XX(ECANCELED, -4, "operation canceled")                                                       \
-    XX(ETIMEDOUT, -5, "deadline exceeded")                                                        \
-    XX(ECLOSED, -6, "closed")                                                                     \
-    XX(ESHUTDOWN, -7, "shutting down")                                                            \
-    XX(EAGAIN, -8, "resource temporarily unavailable")                                            \
-    XX(ESYS, -9, "system call failed")                                                            \
-    XX(EIO, -10, "input/output error")                                                            \
-    XX(ENOTFOUND, -11, "not found")                                                               \
-    XX(EEXIST, -12, "already exists")                                                             \
-    XX(ECONFLICT, -13, "conflict")                                                                \
-    XX(ETOOBIG, -14, "too large")                                                                 \
-    XX(EPARSE, -15, "malformed input")                                                            \
-    XX(EUNSUPPORTED, -16, "not supported")                                                        \
+#define TH_ERRNO_MAP(XX)                               \
+    XX(ENOMEM, -1, "out of memory")                    \
+    XX(EINVAL, -2, "invalid argument")                 \
+    XX(EOVERLOAD, -3, "overloaded: queue full")        \
+    XX(ECANCELED, -4, "operation canceled")            \
+    XX(ETIMEDOUT, -5, "deadline exceeded")             \
+    XX(ECLOSED, -6, "closed")                          \
+    XX(ESHUTDOWN, -7, "shutting down")                 \
+    XX(EAGAIN, -8, "resource temporarily unavailable") \
+    XX(ESYS, -9, "system call failed")                 \
+    XX(EIO, -10, "input/output error")                 \
+    XX(ENOTFOUND, -11, "not found")                    \
+    XX(EEXIST, -12, "already exists")                  \
+    XX(ECONFLICT, -13, "conflict")                     \
+    XX(ETOOBIG, -14, "too large")                      \
+    XX(EPARSE, -15, "malformed input")                 \
+    XX(EUNSUPPORTED, -16, "not supported")             \
     XX(EPERM, -17, "permission denied")
 
 typedef enum th_err {

@@ -27,8 +27,9 @@ typedef struct th_pool_config {
     const char *name;
     /* Worker threads, 1..TH_POOL_MAX_THREADS. */
     unsigned nthreads;
-    /* Queued tasks that may wait for a worker, >= 1. Rounded up to a power of two, the actual
-     * capacity is in th_pool_stats.capacity. */
+    /* Queued tasks that may wait for a worker, >= 1. Rounded up to a power of two, and to 2 at
+     * least (the lock-free ring needs two cells); the actual capacity is in
+     * th_pool_stats.capacity. */
     size_t queue_capacity;
 } th_pool_config;
 

@@ -24,8 +24,7 @@ typedef struct th_snapshot_guard {
 /* Creates a snapshot whose first version is initial (not NULL), freed later with free_fn
  * (NULL: versions are not freed, for static data). Takes ownership of initial on success only.
  * Returns 0, TH_EINVAL or TH_ENOMEM (*out untouched). */
-TH_MUST_CHECK int th_snapshot_create(void *initial, th_snapshot_free_fn free_fn,
-                                     th_snapshot **out);
+TH_MUST_CHECK int th_snapshot_create(void *initial, th_snapshot_free_fn free_fn, th_snapshot **out);
 
 /* Returns the current version and holds it in *guard until th_snapshot_release(guard): it will
  * not be freed meanwhile, and it must be treated as read-only. Never blocks, takes no lock.
@@ -40,7 +39,8 @@ void th_snapshot_release(th_snapshot_guard *guard);
 /* Publishes version (not NULL) as the new current one; takes ownership of it. Readers that
  * started before keep the old version until they release it; it is freed by a later publish or
  * by destroy, once no guard holds it. Writers are serialized by an internal mutex that readers
- * never touch. Returns 0 or TH_EINVAL (NULL version) or TH_ENOMEM; on error version stays the caller's. */
+ * never touch. Returns 0 or TH_EINVAL (NULL version) or TH_ENOMEM; on error version stays the
+ * caller's. */
 TH_MUST_CHECK int th_snapshot_publish(th_snapshot *snap, void *version);
 
 /* Returns the number of published versions, 1 after create; for tests and metrics. */

@@ -12,7 +12,8 @@ typedef struct th_wg th_wg;
 TH_MUST_CHECK int th_wg_create(th_wg **out);
 
 /* Adds delta (may be negative) to the counter; waiters wake when it reaches 0. Returns 0, or
- * TH_EINVAL when the counter would go below zero or overflow (it is then unchanged). Thread-safe. */
+ * TH_EINVAL when the counter would go below zero or overflow (it is then unchanged). Thread-safe.
+ */
 TH_MUST_CHECK int th_wg_add(th_wg *wg, long delta);
 
 /* th_wg_add(wg, -1); calling it more often than jobs were added is a bug and asserts. */

@@ -4,6 +4,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* Fallible acquisitions left before the injected failure; negative means injection is off. */
 static _Atomic long fault_countdown = -1;
@@ -66,4 +67,21 @@ void *th_realloc_array(void *ptr, size_t n, size_t size)
 void th_free(void *ptr)
 {
     free(ptr);
+}
+
+void *th_aligned_calloc(size_t align, size_t n, size_t size)
+{
+    if (size != 0 && n > SIZE_MAX / size) {
+        return NULL;
+    }
+    if (th__fault_should_fail()) {
+        return NULL;
+    }
+    size_t total = n * size == 0 ? 1 : n * size;
+    void *ptr = NULL;
+    if (posix_memalign(&ptr, align, total) != 0) {
+        return NULL;
+    }
+    memset(ptr, 0, total);
+    return ptr;
 }

@@ -28,11 +28,11 @@ struct th_ctx {
     pthread_cond_t fired_cond; /* broadcast when this context's hooks have all run */
     _Atomic int err;           /* 0 while live; set once, under mu */
     atomic_uint refs;
-    bool immortal;             /* the background context */
-    uint64_t deadline_ns;      /* effective deadline, immutable after creation */
-    th_ctx *parent;            /* holds a reference on the parent; NULL for the background */
-    th_ctx *children;          /* live children, under mu */
-    th_ctx *sib_prev;          /* links in parent->children, under parent->mu */
+    bool immortal;        /* the background context */
+    uint64_t deadline_ns; /* effective deadline, immutable after creation */
+    th_ctx *parent;       /* holds a reference on the parent; NULL for the background */
+    th_ctx *children;     /* live children, under mu */
+    th_ctx *sib_prev;     /* links in parent->children, under parent->mu */
     th_ctx *sib_next;
     bool linked;               /* in parent->children, under parent->mu */
     th_ctx_hook *hooks;        /* pending hooks, under mu */
@@ -373,9 +373,12 @@ static void cancel_locked(th_ctx *ctx, int err, th_ctx **fire)
 
 static void cancel_tree(th_ctx *ctx, int err)
 {
-    if (ctx->immortal || atomic_load(&ctx->err) != 0) {
+    if (ctx->immortal) {
         return;
     }
+    /* No lock-free early return when err is already set: a canceler still walking the subtree
+     * holds ctx->mu, and waiting for it here means that when th_ctx_cancel() returns, on any
+     * thread, the whole subtree is done (Go's guarantee). */
     th_ctx *fire = NULL;
     pthread_mutex_lock(&ctx->mu);
     cancel_locked(ctx, err, &fire);

@@ -6,8 +6,8 @@ const char *th_strerror(int code)
     switch (code) {
     case TH_OK:
         return "success";
-#define TH__ERR_MSG(name, value, msg)                                                              \
-    case TH_##name:                                                                                \
+#define TH__ERR_MSG(name, value, msg) \
+    case TH_##name:                   \
         return msg;
         TH_ERRNO_MAP(TH__ERR_MSG)
 #undef TH__ERR_MSG
@@ -21,8 +21,8 @@ const char *th_errname(int code)
     switch (code) {
     case TH_OK:
         return "TH_OK";
-#define TH__ERR_NAME(name, value, msg)                                                             \
-    case TH_##name:                                                                                \
+#define TH__ERR_NAME(name, value, msg) \
+    case TH_##name:                    \
         return "TH_" #name;
         TH_ERRNO_MAP(TH__ERR_NAME)
 #undef TH__ERR_NAME

@@ -23,7 +23,7 @@
 #include "core/core_int.h"
 #include "trialhub/alloc.h"
 
-#define CACHELINE 64
+#define CACHELINE  64
 #define CLOSED_BIT ((size_t)1 << (sizeof(size_t) * 8 - 1))
 /* Empty polls before a worker goes to sleep; each is a pause, a few ns to ~40 ns. */
 #define SPIN_BEFORE_SLEEP 64
@@ -112,8 +112,7 @@ static int ring_push(th_pool *pool, th_task_fn fn, void *arg)
         intptr_t dif = (intptr_t)seq - (intptr_t)pos;
         if (dif == 0) {
             if (atomic_compare_exchange_weak_explicit(&pool->enqueue_pos, &pos, pos + 1,
-                                                      memory_order_relaxed,
-                                                      memory_order_relaxed)) {
+                                                      memory_order_relaxed, memory_order_relaxed)) {
                 break;
             }
         } else if (dif < 0) {
@@ -139,8 +138,7 @@ static bool ring_pop(th_pool *pool, th_task_fn *fn, void **arg)
         intptr_t dif = (intptr_t)seq - (intptr_t)(pos + 1);
         if (dif == 0) {
             if (atomic_compare_exchange_weak_explicit(&pool->dequeue_pos, &pos, pos + 1,
-                                                      memory_order_relaxed,
-                                                      memory_order_relaxed)) {
+                                                      memory_order_relaxed, memory_order_relaxed)) {
                 break;
             }
         } else if (dif < 0) {
@@ -297,16 +295,18 @@ int th_pool_create(const th_pool_config *config, th_pool **out)
         config->queue_capacity == 0 || config->queue_capacity > ((size_t)1 << 30)) {
         return TH_EINVAL;
     }
-    size_t cap = 1;
+    /* The ring needs two cells at least: with one, "filled at position p" and "freed for
+     * position p + 1" would be the same sequence number. */
+    size_t cap = 2;
     while (cap < config->queue_capacity) {
         cap <<= 1;
     }
-    th_pool *pool = th_calloc(1, sizeof(*pool));
+    th_pool *pool = th_aligned_calloc(CACHELINE, 1, sizeof(*pool));
     if (pool == NULL) {
         return TH_ENOMEM;
     }
     pool->cells = th_calloc(cap, sizeof(cell));
-    pool->workers = th_calloc(TH_POOL_MAX_THREADS, sizeof(worker));
+    pool->workers = th_aligned_calloc(CACHELINE, TH_POOL_MAX_THREADS, sizeof(worker));
     if (pool->cells == NULL || pool->workers == NULL) {
         th_free(pool->cells);
         th_free(pool->workers);

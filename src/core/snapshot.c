@@ -76,7 +76,7 @@ static hp_record *hp_record_get(void)
         }
     }
     if (rec == NULL) {
-        rec = th_calloc(1, sizeof(*rec));
+        rec = th_aligned_calloc(_Alignof(hp_record), 1, sizeof(*rec));
         if (rec == NULL) {
             return NULL;
         }
