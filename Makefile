@@ -5,7 +5,7 @@ JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 BUILD ?= build
 CMAKE_FLAGS ?=
 
-.PHONY: all deps build run test test-fast bench-core format format-check lint clean
+.PHONY: all deps build run test test-fast bench-deps bench-core bench-ingest format format-check lint clean
 
 all: build
 
@@ -30,18 +30,36 @@ test: deps
 test-fast: deps
 	@TH_TEST_CONFIGS=plain scripts/test.sh
 
-bench-core: deps
+bench-deps:
+	@scripts/deps.sh bench
+
+build-bench/CMakeCache.txt:
 	cmake -S . -B build-bench -DCMAKE_BUILD_TYPE=Release -DTH_BUILD_TESTS=OFF
+
+bench-core: bench-deps build-bench/CMakeCache.txt
 	cmake --build build-bench -j $(JOBS) --target bench_core
 	build-bench/bench_core
 
-C_FILES = $(shell git ls-files '*.c' '*.h' 2>/dev/null)
+## make bench-ingest: trialhub vs the Go peer (../shared/peers/go-seed) vs nginx; see bench/README.md
+bench-ingest: bench-deps build-bench/CMakeCache.txt
+	cmake --build build-bench -j $(JOBS) --target trialhub
+	@if [ -d ../shared/peers/go-seed ]; then \
+	  rm -rf build-bench/go-seed-src && cp -r ../shared/peers/go-seed build-bench/go-seed-src && \
+	  chmod -R u+w build-bench/go-seed-src && \
+	  (cd build-bench/go-seed-src && GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE=$(CURDIR)/build-bench/go-cache \
+	    go build -o ../go-seed .); \
+	else echo "bench-ingest: ../shared/peers/go-seed not found: measuring trialhub alone"; fi
+	python3 bench/ingest/bench.py $(BENCH_ARGS)
+
+C_FILES = $(shell find include src tests bench -name '*.[ch]' -not -path '*/node_modules/*' 2>/dev/null | sort)
 
 format:
 	clang-format -i $(C_FILES)
 
 format-check:
-	@clang-format --dry-run --Werror $(C_FILES) && echo "format-check: clean"
+	@bad=0; for f in $(C_FILES); do \
+	  clang-format --dry-run --Werror "$$f" >/dev/null 2>&1 || { echo "format-check: $$f differs (make format)"; bad=1; }; \
+	done; [ $$bad -eq 0 ] && echo "format-check: clean"
 
 lint: build
 	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability \

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Installs the Debian packages that building, running and testing trialhub need.
+# Installs the Debian packages that building, running and testing trialhub need
+# (`scripts/deps.sh`), or those plus what the benchmarks need (`scripts/deps.sh bench`:
+# wrk, GLib, nginx, and Go with the Debian packages the Go peer builds from).
 # Idempotent: packages already present are skipped, and apt is not touched when
 # nothing is missing. Needs root (or sudo) only when something must be installed.
 set -euo pipefail
@@ -8,13 +10,17 @@ set -euo pipefail
 pkgs_build=(build-essential cmake pkg-config
     libmicrohttpd-dev libjansson-dev libsqlite3-dev libssl-dev)
 # Tests and the sanitizer runs (clang and its runtime give TSan/ASan/libFuzzer).
-pkgs_test=(libcmocka-dev clang libclang-rt-14-dev curl python3 procps)
+pkgs_test=(libcmocka-dev clang libclang-rt-14-dev curl python3 procps prometheus)
 # Code-quality targets (make format-check, make lint).
 pkgs_lint=(clang-format cppcheck)
 # Benchmarks only (make bench-*).
-pkgs_bench=(libglib2.0-dev wrk)
+pkgs_bench=(libglib2.0-dev wrk nginx-light golang-go golang-github-gin-gonic-gin-dev
+    golang-github-mattn-go-sqlite3-dev)
 
-want=("${pkgs_build[@]}" "${pkgs_test[@]}" "${pkgs_lint[@]}" "${pkgs_bench[@]}")
+want=("${pkgs_build[@]}" "${pkgs_test[@]}" "${pkgs_lint[@]}")
+if [ "${1:-}" = bench ]; then
+    want+=("${pkgs_bench[@]}")
+fi
 
 missing=()
 for p in "${want[@]}"; do

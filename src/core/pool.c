@@ -1,13 +1,16 @@
 /* Bounded worker pool. The task queue is a lock-free bounded MPMC ring (Dmitry Vyukov's
  * design): a submit is one CAS and two stores on a preallocated cell, with no allocation and no
- * lock. Workers that find it empty sleep on a condition variable; submitters wake one only when
- * some worker is asleep (a Dekker handshake on `nsleepers`, both sides sequentially consistent),
- * so a busy pool takes no lock per task.
+ * lock. Workers that find it empty push themselves on the idle stack and sleep on their own
+ * condition variable; submitters wake one only when some worker is idle (a Dekker handshake on
+ * `nsleepers`, both sides sequentially consistent), so a busy pool takes no lock per task. The
+ * waker takes the worker off the idle stack, so each sleep costs one wake-up: the submits that
+ * follow see `nsleepers` == 0 and take no lock while the woken worker is being scheduled. A
+ * blocked submitter is likewise woken once per wait (`room_signaled`), not once per task run.
  *
- * Locking: `mu` protects the worker slots' states, `nlive`, `shutdown_started` and the three
- * condition variables' predicates (work for sleepers, room for blocking submitters, exits for
- * shutdown). The ring, `target`, the counters and `abandon` are atomics read without it. A task
- * never runs with `mu` held. Lock order: pool mu, then a context's mu (th__waiter).
+ * Locking: `mu` protects the worker slots' states, the idle stack, `nlive`, `shutdown_started`
+ * and the condition variables' predicates (work for sleepers, room for blocking submitters,
+ * exits for shutdown). The ring, `target`, the counters and `abandon` are atomics read without
+ * it. A task never runs with `mu` held. Lock order: pool mu, then a context's mu (th__waiter).
  *
  * Lifetime: `refs` counts the owner plus every live worker thread, so workers left inside a task
  * by a shutdown that timed out keep the memory alive and the last one frees it. */
@@ -51,6 +54,8 @@ typedef struct worker {
     _Alignas(CACHELINE) _Atomic uint64_t completed; /* written only by its thread */
     atomic_bool busy;
     enum slot_state state; /* under pool->mu */
+    bool idle;             /* on pool->idle and counted in nsleepers; under pool->mu */
+    pthread_cond_t cond;   /* its sleep; signalled by whoever takes it off pool->idle */
     unsigned index;
     pthread_t thread;
     struct th_pool *pool;
@@ -62,28 +67,32 @@ struct th_pool {
     _Alignas(CACHELINE) cell *cells;
     size_t mask;
     _Atomic unsigned target;          /* workers wanted; those with index >= target exit */
-    _Atomic unsigned nsleepers;       /* workers asleep or about to sleep on work_cond */
+    _Atomic unsigned nsleepers;       /* workers on the idle stack, not yet claimed by a waker */
     _Atomic unsigned nsubmit_waiters; /* blocking submitters asleep or about to on room_cond */
     _Alignas(CACHELINE) _Atomic uint64_t rejected;
     _Atomic uint64_t canceled;
-    atomic_bool abandon; /* shutdown timed out: workers stop taking tasks */
+    atomic_bool abandon;       /* shutdown timed out: workers stop taking tasks */
+    atomic_bool room_signaled; /* room_cond broadcast since a submitter last began to wait */
     atomic_uint refs;
 
     pthread_mutex_t mu;
-    pthread_cond_t work_cond;
     pthread_cond_t room_cond;
     pthread_cond_t exit_cond;
     unsigned nlive; /* threads started and not yet exited, under mu */
     bool shutdown_started;
     char name[12];
-    worker *workers; /* TH_POOL_MAX_THREADS slots */
+    worker *workers;                   /* TH_POOL_MAX_THREADS slots */
+    unsigned nidle;                    /* under mu */
+    worker *idle[TH_POOL_MAX_THREADS]; /* sleeping workers, most recent last; under mu */
 };
 
 static void pool_free(th_pool *pool)
 {
+    for (unsigned i = 0; i < TH_POOL_MAX_THREADS; i++) {
+        pthread_cond_destroy(&pool->workers[i].cond);
+    }
     pthread_cond_destroy(&pool->exit_cond);
     pthread_cond_destroy(&pool->room_cond);
-    pthread_cond_destroy(&pool->work_cond);
     pthread_mutex_destroy(&pool->mu);
     th_free(pool->workers);
     th_free(pool->cells);
@@ -163,9 +172,13 @@ static bool ring_drained(th_pool *pool)
 
 /* ---- workers ----------------------------------------------------------------------------- */
 
+/* Wakes blocked submitters once per wait: the first task run after a submitter began to wait
+ * broadcasts, the ones after it (until that submitter runs again) see room_signaled set. */
 static void wake_submitters(th_pool *pool)
 {
-    if (atomic_load_explicit(&pool->nsubmit_waiters, memory_order_seq_cst) != 0) {
+    if (atomic_load_explicit(&pool->nsubmit_waiters, memory_order_seq_cst) != 0 &&
+        !atomic_load_explicit(&pool->room_signaled, memory_order_seq_cst) &&
+        !atomic_exchange(&pool->room_signaled, true)) {
         pthread_mutex_lock(&pool->mu);
         pthread_cond_broadcast(&pool->room_cond);
         pthread_mutex_unlock(&pool->mu);
@@ -198,6 +211,47 @@ static bool must_exit_locked(worker *w)
     return (atomic_load(&pool->enqueue_pos) & CLOSED_BIT) && ring_drained(pool);
 }
 
+/* Puts w on the idle stack; the caller then looks at the ring once more before it sleeps (the
+ * worker's side of the Dekker handshake with th_pool_try_submit). */
+static void idle_push_locked(th_pool *pool, worker *w)
+{
+    w->idle = true;
+    pool->idle[pool->nidle++] = w;
+    atomic_fetch_add_explicit(&pool->nsleepers, 1, memory_order_seq_cst);
+}
+
+/* Takes w off the idle stack (it found work or must exit before anyone woke it). */
+static void idle_remove_locked(th_pool *pool, worker *w)
+{
+    for (unsigned i = 0; i < pool->nidle; i++) {
+        if (pool->idle[i] == w) {
+            pool->idle[i] = pool->idle[--pool->nidle];
+            break;
+        }
+    }
+    w->idle = false;
+    atomic_fetch_sub_explicit(&pool->nsleepers, 1, memory_order_seq_cst);
+}
+
+/* Wakes the most recently idle worker (its cache is the warmest), taking it off the stack so
+ * that nobody wakes it twice. */
+static void wake_one_locked(th_pool *pool)
+{
+    if (pool->nidle > 0) {
+        worker *w = pool->idle[--pool->nidle];
+        w->idle = false;
+        atomic_fetch_sub_explicit(&pool->nsleepers, 1, memory_order_seq_cst);
+        pthread_cond_signal(&w->cond);
+    }
+}
+
+static void wake_all_locked(th_pool *pool)
+{
+    while (pool->nidle > 0) {
+        wake_one_locked(pool);
+    }
+}
+
 static void *worker_main(void *arg)
 {
     worker *w = arg;
@@ -224,7 +278,6 @@ static void *worker_main(void *arg)
         }
         /* Nothing to do: sleep until a submit, a resize or shutdown. */
         pthread_mutex_lock(&pool->mu);
-        atomic_fetch_add_explicit(&pool->nsleepers, 1, memory_order_seq_cst);
         bool got = false, leave = false;
         for (;;) {
             if (must_exit_locked(w)) {
@@ -235,9 +288,15 @@ static void *worker_main(void *arg)
                 got = true;
                 break;
             }
-            pthread_cond_wait(&pool->work_cond, &pool->mu);
+            if (!w->idle) {
+                idle_push_locked(pool, w); /* then look at the ring once more */
+                continue;
+            }
+            pthread_cond_wait(&w->cond, &pool->mu);
         }
-        atomic_fetch_sub_explicit(&pool->nsleepers, 1, memory_order_seq_cst);
+        if (w->idle) {
+            idle_remove_locked(pool, w);
+        }
         if (leave) {
             /* A detached slot belongs to nobody; any other is joined by the owner. */
             if (w->state != SLOT_DETACHED) {
@@ -317,11 +376,13 @@ int th_pool_create(const th_pool_config *config, th_pool **out)
     for (size_t i = 0; i < cap; i++) {
         atomic_init(&pool->cells[i].seq, i);
     }
+    for (unsigned i = 0; i < TH_POOL_MAX_THREADS; i++) {
+        pthread_cond_init(&pool->workers[i].cond, NULL);
+    }
     snprintf(pool->name, sizeof(pool->name), "%s", config->name ? config->name : "pool");
     atomic_init(&pool->refs, 1);
     atomic_init(&pool->target, config->nthreads);
     pthread_mutex_init(&pool->mu, NULL);
-    pthread_cond_init(&pool->work_cond, NULL);
     pthread_cond_init(&pool->room_cond, NULL);
     pthread_cond_init(&pool->exit_cond, NULL);
 
@@ -343,7 +404,7 @@ static void wake_worker(th_pool *pool)
 {
     if (atomic_load_explicit(&pool->nsleepers, memory_order_seq_cst) != 0) {
         pthread_mutex_lock(&pool->mu);
-        pthread_cond_signal(&pool->work_cond);
+        wake_one_locked(pool);
         pthread_mutex_unlock(&pool->mu);
     }
 }
@@ -374,6 +435,8 @@ int th_pool_submit(th_ctx *ctx, th_pool *pool, th_task_fn fn, void *arg)
     pthread_mutex_lock(&pool->mu);
     atomic_fetch_add_explicit(&pool->nsubmit_waiters, 1, memory_order_seq_cst);
     for (;;) {
+        /* Re-armed before every re-check, under mu, like the nsubmit_waiters count. */
+        atomic_store(&pool->room_signaled, false);
         rc = ring_push(pool, fn, arg);
         if (rc != TH_EOVERLOAD) {
             break;
@@ -384,8 +447,8 @@ int th_pool_submit(th_ctx *ctx, th_pool *pool, th_task_fn fn, void *arg)
         }
     }
     atomic_fetch_sub_explicit(&pool->nsubmit_waiters, 1, memory_order_seq_cst);
-    if (rc == 0 && atomic_load(&pool->nsleepers) != 0) {
-        pthread_cond_signal(&pool->work_cond);
+    if (rc == 0) {
+        wake_one_locked(pool);
     }
     pthread_mutex_unlock(&pool->mu);
     th__waiter_finish(&waiter);
@@ -406,7 +469,7 @@ int th_pool_resize(th_pool *pool, unsigned nthreads)
     unsigned old = atomic_load(&pool->target);
     atomic_store(&pool->target, nthreads);
     if (nthreads < old) {
-        pthread_cond_broadcast(&pool->work_cond); /* sleepers above the target exit */
+        wake_all_locked(pool); /* sleepers above the target exit */
     }
     for (unsigned i = old; i < nthreads; i++) {
         worker *w = &pool->workers[i];
@@ -454,7 +517,7 @@ int th_pool_shutdown(th_ctx *ctx, th_pool *pool)
     }
     pool->shutdown_started = true;
     atomic_fetch_or(&pool->enqueue_pos, CLOSED_BIT);
-    pthread_cond_broadcast(&pool->work_cond);
+    wake_all_locked(pool);
     pthread_cond_broadcast(&pool->room_cond);
 
     th__waiter waiter;
@@ -472,7 +535,7 @@ int th_pool_shutdown(th_ctx *ctx, th_pool *pool)
     /* Out of time: nobody takes new tasks; what is still queued is completed as canceled
      * here; workers inside a task are left to finish it and exit on their own. */
     atomic_store(&pool->abandon, true);
-    pthread_cond_broadcast(&pool->work_cond);
+    wake_all_locked(pool);
     pthread_mutex_unlock(&pool->mu);
     th__waiter_finish(&waiter);
 
