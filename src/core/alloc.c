@@ -47,6 +47,9 @@ void *th_malloc(size_t size)
 
 void *th_calloc(size_t n, size_t size)
 {
+    if (size != 0 && n > SIZE_MAX / size) {
+        return NULL;
+    }
     if (th__fault_should_fail()) {
         return NULL;
     }

@@ -14,9 +14,23 @@ void th_buf_init(th_buf *buf, size_t limit)
     buf->limit = limit;
 }
 
+void th_buf_init_with(th_buf *buf, char *storage, size_t cap, size_t limit)
+{
+    memset(buf, 0, sizeof(*buf));
+    buf->data = storage;
+    buf->cap = cap;
+    buf->limit = limit;
+    buf->external = true;
+    if (cap > 0) {
+        storage[0] = '\0';
+    }
+}
+
 void th_buf_free(th_buf *buf)
 {
-    th_free(buf->data);
+    if (!buf->external) {
+        th_free(buf->data);
+    }
     memset(buf, 0, sizeof(*buf));
 }
 
@@ -46,13 +60,22 @@ static bool reserve(th_buf *buf, size_t extra)
     while (cap < need) {
         cap = cap > SIZE_MAX / 2 ? need : cap * 2;
     }
-    char *data = th_realloc_array(buf->data, cap, 1);
+    char *data;
+    if (buf->external) {
+        data = th_malloc(cap);
+        if (data != NULL && buf->len) {
+            memcpy(data, buf->data, buf->len);
+        }
+    } else {
+        data = th_realloc_array(buf->data, cap, 1);
+    }
     if (data == NULL) {
         buf->failed = true;
         return false;
     }
     buf->data = data;
     buf->cap = cap;
+    buf->external = false;
     return true;
 }
 
@@ -147,6 +170,18 @@ char *th_buf_take(th_buf *buf, size_t *len)
     if (buf->failed) {
         th_buf_free(buf);
         return NULL;
+    }
+    if (buf->external) {
+        /* The caller's storage cannot be handed over: move the bytes to the heap. */
+        char *copy = th_malloc(buf->len + 1);
+        if (copy == NULL) {
+            th_buf_free(buf);
+            return NULL;
+        }
+        memcpy(copy, buf->data, buf->len + 1);
+        buf->data = copy;
+        buf->cap = buf->len + 1;
+        buf->external = false;
     }
     if (!reserve(buf, 0)) {
         return NULL;

@@ -3,8 +3,10 @@
  *
  * Locking. Each context has a mutex `mu` protecting its children list, its pending hooks, its
  * descriptor and its `firing` flag; `err` is written under mu and read lock-free. Lock order is
- * always ancestor before descendant (cancel walks down holding the locks on its path); a context
- * that is being freed unlinks itself from its parent holding only the parent's lock. The timer's
+ * always ancestor before descendant, and no thread holds more than one: a cancel walks the
+ * subtree one context at a time under the global walk_mu (taken before any context lock), and
+ * a context that is being freed unlinks itself from its parent holding only the parent's
+ * lock. The timer's
  * mutex is taken after no context lock or after the freeing context's (never the other way):
  * the timer holds no references, only pointers that a freeing context removes from its heap, and
  * it takes a reference (only if the count is not already zero) before canceling what it popped.
@@ -42,6 +44,7 @@ struct th_ctx {
     size_t heap_index;         /* position in the timer heap, under timer.mu */
     bool in_heap;              /* under timer.mu */
     th_ctx *fire_next;         /* link in one cancel's list of contexts whose hooks to run */
+    th_ctx *walk_next;         /* link in one cancel's walk of the subtree */
 };
 
 static th_ctx background = {
@@ -333,10 +336,11 @@ int th_ctx_with_timeout(th_ctx *parent, uint64_t timeout_ns, th_ctx **out)
 
 /* ---- cancellation ------------------------------------------------------------------------ */
 
-/* Marks ctx and its subtree done with err. Called with ctx->mu held; locks each descendant in
- * turn (ancestor-first order). Contexts with hooks to run are pushed on *fire with a reference
- * held; the caller runs them once every lock is released. */
-static void cancel_locked(th_ctx *ctx, int err, th_ctx **fire)
+/* Marks one context done with err. Called with ctx->mu held. If it has hooks, it is pushed on
+ * *fire with a reference; its live children are unlinked and pushed on *walk, each with a
+ * reference (a child whose count already dropped to zero is being freed and is skipped: it has
+ * no children left, since children hold references on their parent). */
+static void mark_done_locked(th_ctx *ctx, int err, th_ctx **fire, th_ctx **walk)
 {
     if (atomic_load(&ctx->err) != 0) {
         return;
@@ -362,28 +366,50 @@ static void cancel_locked(th_ctx *ctx, int err, th_ctx **fire)
     ctx->children = NULL;
     while (child != NULL) {
         th_ctx *next = child->sib_next;
-        pthread_mutex_lock(&child->mu);
-        cancel_locked(child, err, fire);
-        pthread_mutex_unlock(&child->mu);
         child->linked = false; /* under ctx->mu, which guards the sibling links */
         child->sib_prev = child->sib_next = NULL;
+        if (try_ref(child)) {
+            child->walk_next = *walk;
+            *walk = child;
+        }
         child = next;
     }
 }
 
+/* Serialises cancellation walks. A walk is short (usually one context), and holding this for
+ * it gives the guarantee callers rely on: when th_ctx_cancel(x) returns, on any thread, x and
+ * every descendant of x are done, even if another thread was in the middle of canceling x or
+ * one of its ancestors (that walk finishes first). Hooks run after it is released. */
+static pthread_mutex_t walk_mu = PTHREAD_MUTEX_INITIALIZER;
+
+/* Cancels ctx and its subtree. The walk is iterative (a chain thousands deep costs no stack)
+ * and holds one context lock at a time, under walk_mu: lock order walk_mu, then a context. */
 static void cancel_tree(th_ctx *ctx, int err)
 {
     if (ctx->immortal) {
         return;
     }
-    /* No lock-free early return when err is already set: a canceler still walking the subtree
-     * holds ctx->mu, and waiting for it here means that when th_ctx_cancel() returns, on any
-     * thread, the whole subtree is done (Go's guarantee). */
-    th_ctx *fire = NULL;
+    th_ctx *fire = NULL, *walk = NULL, *walked = NULL;
+    pthread_mutex_lock(&walk_mu);
     pthread_mutex_lock(&ctx->mu);
-    cancel_locked(ctx, err, &fire);
+    mark_done_locked(ctx, err, &fire, &walk);
     pthread_mutex_unlock(&ctx->mu);
+    while (walk != NULL) {
+        th_ctx *c = walk;
+        walk = c->walk_next;
+        pthread_mutex_lock(&c->mu);
+        mark_done_locked(c, err, &fire, &walk);
+        pthread_mutex_unlock(&c->mu);
+        c->walk_next = walked; /* its reference is dropped once walk_mu is released */
+        walked = c;
+    }
+    pthread_mutex_unlock(&walk_mu);
 
+    while (walked != NULL) {
+        th_ctx *c = walked;
+        walked = c->walk_next;
+        th_ctx_unref(c);
+    }
     while (fire != NULL) {
         th_ctx *c = fire;
         fire = c->fire_next;

@@ -44,8 +44,10 @@ void th_log(th_log_level level, const char *msg, size_t nfields, const th_log_fi
     size_t n = strftime(stamp, sizeof(stamp), "%Y-%m-%dT%H:%M:%S", &tm);
     snprintf(stamp + n, sizeof(stamp) - n, ".%03ldZ", ts.tv_nsec / 1000000);
 
+    /* Most lines fit the stack buffer; th_buf moves to the heap only past it. */
+    char stack[1024];
     th_buf buf;
-    th_buf_init(&buf, 64 * 1024);
+    th_buf_init_with(&buf, stack, sizeof(stack), 64 * 1024);
     th_buf_printf(&buf, "{\"ts\":\"%s\",\"level\":\"%s\",\"msg\":", stamp, level_names[level]);
     th_buf_json_str(&buf, msg);
     for (size_t i = 0; i < nfields; i++) {

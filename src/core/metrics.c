@@ -21,8 +21,8 @@ enum kind { K_COUNTER, K_HISTOGRAM, K_COLLECTOR };
 typedef struct series {
     struct series *_Atomic next;
     char *values[TH_METRIC_MAX_LABELS];
-    _Atomic uint64_t count;   /* counter value, or histogram observation count */
-    _Atomic uint64_t sum_bits; /* histogram sum as double bits */
+    _Atomic uint64_t count;     /* counter value, or histogram observation count */
+    _Atomic uint64_t sum_bits;  /* histogram sum as double bits */
     _Atomic uint64_t buckets[]; /* histogram: nbounds entries (cumulative at render) */
 } series;
 

@@ -4,9 +4,9 @@
 #include <pthread.h>
 #include <stdio.h>
 
-#define NKEYS 16
+#define NKEYS    16
 #define NREADERS 4
-#define ROUNDS 20000
+#define ROUNDS   20000
 
 struct entry {
     char key[8];

@@ -7,10 +7,10 @@
 
 #include "trialhub/snapshot.h"
 
-#define NKEYS 16
+#define NKEYS    16
 #define NREADERS 4
-#define ROUNDS 2000
-#define READS 20000
+#define ROUNDS   2000
+#define READS    20000
 
 struct cache {
     long submissions[NKEYS];

@@ -1,0 +1,57 @@
+/* The HTTP API server: libmicrohttpd in epoll thread-pool mode with suspend/resume, a router,
+ * authentication, limits, request logs and metrics. It borrows everything it serves (store,
+ * writer, pools, roster, keyring, questionnaires) from the caller, who creates them before and
+ * destroys them after the server. */
+#ifndef TRIALHUB_SERVER_H
+#define TRIALHUB_SERVER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "trialhub/auth.h"
+#include "trialhub/error.h"
+#include "trialhub/metrics.h"
+#include "trialhub/pool.h"
+#include "trialhub/roster.h"
+#include "trialhub/store.h"
+#include "trialhub/writer.h"
+
+typedef struct th_server th_server;
+typedef struct th_qreg th_qreg;
+typedef struct th_scoring th_scoring;
+
+typedef struct th_server_config {
+    const char *listen;         /* "host:port"; port 0 picks a free one (th_server_port()) */
+    unsigned threads;           /* HTTP threads; 0: one per core */
+    unsigned conn_limit;        /* total connections */
+    unsigned per_ip_limit;      /* connections per client address */
+    unsigned idle_timeout_s;    /* keep-alive idle and header deadline */
+    unsigned request_timeout_s; /* from headers to complete body */
+    size_t fhir_body_limit;     /* bytes; larger bodies get 413 */
+    /* borrowed */
+    th_store *store;
+    th_writer *writer;
+    th_pool *pool;
+    th_metrics *metrics;
+    th_roster *roster;
+    th_keyring *keyring;
+    th_qreg *qreg;
+    th_scoring *scoring;
+} th_server_config;
+
+/* Starts listening and serving. Returns 0, TH_EINVAL (bad listen address), TH_ESYS (cannot
+ * bind or start; errbuf says why) or TH_ENOMEM. */
+TH_MUST_CHECK int th_server_start(const th_server_config *config, th_server **out, char *errbuf,
+                                  size_t errlen);
+
+/* Returns the bound TCP port. */
+uint16_t th_server_port(const th_server *server);
+
+/* Stops accepting new connections (existing ones finish); /readyz turns 503. */
+void th_server_quiesce(th_server *server);
+
+/* Stops the server: every suspended request must have been resumed (stop the writer first).
+ * NULL is a no-op. */
+void th_server_stop(th_server *server);
+
+#endif

@@ -1,0 +1,183 @@
+/* The store: trials, sites, patients, API keys and questionnaire responses, behind one interface
+ * with one implementation per backend (SQLite now, PostgreSQL at scale-out), chosen by URL like
+ * curl's TLS backends or SQLite's VFS. Writes happen only inside a transaction owned by the
+ * group-commit writer (writer.h); reads may come from any thread. */
+#ifndef TRIALHUB_STORE_H
+#define TRIALHUB_STORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "trialhub/error.h"
+
+typedef struct th_store th_store;
+
+/* A trial as created by an admin. Strings are owned by whoever filled the struct. */
+typedef struct th_trial {
+    const char *id;
+    const char *name;
+    const char *arms_json;     /* JSON array of arm names, e.g. ["A","B"] */
+    const char *schedule_json; /* JSON array of visit weeks, e.g. [0,2,4,8,12] */
+} th_trial;
+
+typedef struct th_site {
+    const char *trial_id;
+    const char *id;
+    const char *name;
+} th_site;
+
+typedef struct th_patient {
+    const char *trial_id;
+    const char *id; /* pseudonymous patient id, unique across the store */
+    const char *site_id;
+    const char *arm;
+    const char *enrolled_on; /* YYYY-MM-DD */
+} th_patient;
+
+/* API key roles, least to most powerful. */
+typedef enum th_role {
+    TH_ROLE_PATIENT = 1,
+    TH_ROLE_SITE,
+    TH_ROLE_INVESTIGATOR,
+    TH_ROLE_ADMIN,
+} th_role;
+
+#define TH_KEY_HASH_LEN 32 /* SHA-256 */
+#define TH_ID_MAX       64 /* longest id the API accepts (trial, site, patient, key) */
+
+/* An API key as stored: never the key itself, only its hash. Scope fields are "" when unset. */
+typedef struct th_key {
+    char id[TH_ID_MAX + 1];
+    unsigned char hash[TH_KEY_HASH_LEN];
+    th_role role;
+    char trial_id[TH_ID_MAX + 1];
+    char site_id[TH_ID_MAX + 1];
+    char patient_id[TH_ID_MAX + 1];
+    int64_t created_ms;
+    int64_t revoked_ms; /* 0 while active */
+} th_key;
+
+/* A questionnaire response to insert, and what the insert found. */
+typedef struct th_qr_row {
+    /* in */
+    const char *trial_id;
+    const char *site_id;
+    const char *patient_id;
+    const char *questionnaire;     /* canonical as sent */
+    const char *instrument;        /* registry key of the matched instrument */
+    const char *identifier_system; /* NULL when the resource has no identifier */
+    const char *identifier_value;
+    const char *status;
+    const char *authored;
+    int64_t authored_s;
+    int visit_week; /* -1: unknown */
+    const void *body;
+    size_t body_len;
+    unsigned char body_sha256[32];
+    int64_t received_ms;
+    /* out */
+    int64_t id;     /* the new row, or the one already stored */
+    bool duplicate; /* same identifier, same content: the stored one is the answer */
+    bool conflict;  /* same identifier, different content: nothing stored */
+} th_qr_row;
+
+/* A stored questionnaire response as read back. The body is owned by the struct; free with
+ * th_qr_stored_free(). */
+typedef struct th_qr_stored {
+    int64_t id;
+    char trial_id[TH_ID_MAX + 1];
+    char site_id[TH_ID_MAX + 1];
+    char patient_id[TH_ID_MAX + 1];
+    char instrument[128];
+    char processing[16]; /* pending | scored */
+    bool has_score;
+    double score;
+    bool score_is_int;
+    char band[32];
+    bool alert;
+    int version;
+    int64_t received_ms;
+    void *body;
+    size_t body_len;
+} th_qr_stored;
+
+/* The result of scoring, written back by the writer. */
+typedef struct th_qr_score {
+    int64_t id;
+    bool has_score;
+    double score;
+    bool score_is_int;
+    const char *band; /* NULL when the instrument has none */
+    bool alert;
+} th_qr_score;
+
+/* Opens the store at url: `sqlite:///abs/path.db`, `sqlite://./rel/path.db` or `sqlite::memory:`
+ * (tests). Creates the file and its folder if missing, verifies WAL and synchronous=FULL, and
+ * applies pending schema migrations. *out is owned by the caller (th_store_close()). Returns 0,
+ * TH_EINVAL (unknown scheme or bad URL), TH_EUNSUPPORTED (a known backend not built in), TH_EIO
+ * (cannot open, migrate or verify durability; errbuf says why) or TH_ENOMEM. */
+TH_MUST_CHECK int th_store_open(const char *url, th_store **out, char *errbuf, size_t errlen);
+
+/* Closes the store. NULL is a no-op. No other call may be running. */
+void th_store_close(th_store *store);
+
+/* Returns "sqlite" or "postgres". */
+const char *th_store_backend(const th_store *store);
+
+/* ---- writes: only between th_store_begin() and th_store_commit()/rollback(), on the writer
+ * thread. Each returns 0, TH_EEXIST/TH_ENOTFOUND where stated, or TH_EIO (the transaction must
+ * then be rolled back). */
+
+TH_MUST_CHECK int th_store_begin(th_store *store);
+/* Commits durably (fsync per synchronous=FULL). TH_EIO here is fatal for the store: the caller
+ * must not retry the commit (PostgreSQL's fsync lesson). */
+TH_MUST_CHECK int th_store_commit(th_store *store);
+void th_store_rollback(th_store *store);
+
+/* TH_EEXIST if the id is taken. */
+TH_MUST_CHECK int th_store_trial_insert(th_store *store, const th_trial *trial);
+/* TH_ENOTFOUND if the trial does not exist, TH_EEXIST if the site does. */
+TH_MUST_CHECK int th_store_site_insert(th_store *store, const th_site *site);
+/* TH_ENOTFOUND if the trial or site does not exist, TH_EEXIST if the patient id is taken. */
+TH_MUST_CHECK int th_store_patient_insert(th_store *store, const th_patient *patient);
+/* TH_EEXIST if the id or hash is taken. */
+TH_MUST_CHECK int th_store_key_insert(th_store *store, const th_key *key);
+/* Marks the key revoked at revoked_ms; TH_ENOTFOUND if no active key has that id. */
+TH_MUST_CHECK int th_store_key_revoke(th_store *store, const char *key_id, int64_t revoked_ms);
+/* Inserts row unless its identifier is already stored: fills row->id and row->duplicate or
+ * row->conflict (then nothing is written). */
+TH_MUST_CHECK int th_store_qr_insert(th_store *store, th_qr_row *row);
+/* Stores a score (and an alert row when score->alert). TH_ENOTFOUND if no such response. */
+TH_MUST_CHECK int th_store_qr_set_score(th_store *store, const th_qr_score *score, int64_t now_ms);
+
+/* ---- reads: any thread, each on a connection of its own from a small internal pool. */
+
+/* Calls fn for each trial / site / patient / key (in id order); stops at fn's first non-zero
+ * return, which is returned. Returns 0, TH_EIO, or fn's code. */
+TH_MUST_CHECK int th_store_trials_each(th_store *store, int (*fn)(void *arg, const th_trial *t),
+                                       void *arg);
+TH_MUST_CHECK int th_store_sites_each(th_store *store, int (*fn)(void *arg, const th_site *s),
+                                      void *arg);
+TH_MUST_CHECK int th_store_patients_each(th_store *store, int (*fn)(void *arg, const th_patient *p),
+                                         void *arg);
+TH_MUST_CHECK int th_store_keys_each(th_store *store, int (*fn)(void *arg, const th_key *k),
+                                     void *arg);
+
+/* Reads one response into *out (free with th_qr_stored_free()). Returns 0, TH_ENOTFOUND, TH_EIO
+ * or TH_ENOMEM. */
+TH_MUST_CHECK int th_store_qr_get(th_store *store, int64_t id, th_qr_stored *out);
+void th_qr_stored_free(th_qr_stored *qr);
+
+/* Calls fn with the ids of responses still pending scoring, oldest first, at most limit, with
+ * id > after_id and received before received_before_ms. Returns 0, TH_EIO or fn's code. */
+TH_MUST_CHECK int th_store_qr_pending(th_store *store, int64_t after_id, int64_t received_before_ms,
+                                      int limit, int (*fn)(void *arg, int64_t id), void *arg);
+
+/* Counts the stored responses (tests, readiness). */
+TH_MUST_CHECK int th_store_qr_count(th_store *store, int64_t *count);
+
+/* Checks that the store can take a write now (readiness): 0 or TH_EIO. */
+TH_MUST_CHECK int th_store_ping(th_store *store);
+
+#endif

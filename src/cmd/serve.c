@@ -1,0 +1,374 @@
+/* `trialhub serve`: wires the store, the group-commit writer, the scoring pool, the roster,
+ * the keyring and the questionnaires to the HTTP server, then waits for SIGTERM/SIGINT and
+ * shuts down in the order that loses nothing: stop accepting, let in-flight requests finish,
+ * drain the pool, drain the writer, stop. */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cmd/cmd.h"
+#include "trialhub/auth.h"
+#include "trialhub/clock.h"
+#include "trialhub/fhir.h"
+#include "trialhub/log.h"
+#include "trialhub/metrics.h"
+#include "trialhub/pool.h"
+#include "trialhub/roster.h"
+#include "trialhub/scoring.h"
+#include "trialhub/server.h"
+#include "trialhub/writer.h"
+
+static void usage(FILE *out)
+{
+    fputs("usage: trialhub serve [options]\n"
+          "\n"
+          "options (environment variable in brackets):\n"
+          "  --listen HOST:PORT        [TRIALHUB_LISTEN] default " TH_DEFAULT_LISTEN "\n"
+          "  --database URL            [TRIALHUB_DATABASE_URL] default " TH_DEFAULT_DATABASE_URL
+          "\n"
+          "  --questionnaires DIR      [TRIALHUB_QUESTIONNAIRES] extra Questionnaire/CodeSystem "
+          "files\n"
+          "  --demo                    seed a demo trial (3 sites, 1,000 patients) and print keys\n"
+          "  --http-threads N          [TRIALHUB_HTTP_THREADS] default: one per core\n"
+          "  --max-connections N       [TRIALHUB_MAX_CONNECTIONS] default 10000\n"
+          "  --max-connections-per-ip N [TRIALHUB_MAX_CONNECTIONS_PER_IP] default 1024\n"
+          "  --idle-timeout S          [TRIALHUB_IDLE_TIMEOUT] keep-alive idle and header deadline,"
+          " default 30\n"
+          "  --request-timeout S       [TRIALHUB_REQUEST_TIMEOUT] headers to end of body, default "
+          "30\n"
+          "  --writer-queue N          [TRIALHUB_WRITER_QUEUE] submissions waiting for a commit "
+          "before 503, default 4096\n"
+          "  --writer-batch N          [TRIALHUB_WRITER_BATCH] most rows per commit, default 512\n"
+          "  --writer-wait-us N        [TRIALHUB_WRITER_WAIT_US] wait for more rows before "
+          "committing, default 0\n"
+          "  --pool-threads N          [TRIALHUB_POOL_THREADS] scoring workers, default 2\n"
+          "  --pool-queue N            [TRIALHUB_POOL_QUEUE] scoring tasks waiting, default 8192\n"
+          "  --workers N               [TRIALHUB_WORKERS] embedded analysis workers (image "
+          "analysis issue; accepted, unused yet)\n"
+          "  --log-level LEVEL         [TRIALHUB_LOG_LEVEL] debug, info, warn, error\n",
+          out);
+}
+
+typedef struct serve_opts {
+    const char *listen;
+    const char *database;
+    const char *questionnaires;
+    bool demo;
+    unsigned http_threads;
+    unsigned max_conns;
+    unsigned max_conns_ip;
+    unsigned idle_timeout_s;
+    unsigned request_timeout_s;
+    unsigned writer_queue;
+    unsigned writer_batch;
+    unsigned writer_wait_us;
+    unsigned pool_threads;
+    unsigned pool_queue;
+} serve_opts;
+
+static unsigned env_number(const char *name, unsigned fallback, unsigned long min,
+                           unsigned long max)
+{
+    const char *v = th_cmd_env(name, NULL);
+    return v ? (unsigned)th_cmd_number(name, v, min, max) : fallback;
+}
+
+static int parse(int argc, char **argv, serve_opts *o)
+{
+    o->listen = th_cmd_env("TRIALHUB_LISTEN", TH_DEFAULT_LISTEN);
+    o->database = th_cmd_env("TRIALHUB_DATABASE_URL", TH_DEFAULT_DATABASE_URL);
+    o->questionnaires = th_cmd_env("TRIALHUB_QUESTIONNAIRES", NULL);
+    o->http_threads = env_number("TRIALHUB_HTTP_THREADS", 0, 0, 256);
+    o->max_conns = env_number("TRIALHUB_MAX_CONNECTIONS", 10000, 1, 1000000);
+    o->max_conns_ip = env_number("TRIALHUB_MAX_CONNECTIONS_PER_IP", 1024, 1, 1000000);
+    o->idle_timeout_s = env_number("TRIALHUB_IDLE_TIMEOUT", 30, 1, 3600);
+    o->request_timeout_s = env_number("TRIALHUB_REQUEST_TIMEOUT", 30, 1, 3600);
+    o->writer_queue = env_number("TRIALHUB_WRITER_QUEUE", 4096, 1, 1000000);
+    o->writer_batch = env_number("TRIALHUB_WRITER_BATCH", 512, 1, 100000);
+    o->writer_wait_us = env_number("TRIALHUB_WRITER_WAIT_US", 0, 0, 1000000);
+    o->pool_threads = env_number("TRIALHUB_POOL_THREADS", 2, 1, TH_POOL_MAX_THREADS);
+    o->pool_queue = env_number("TRIALHUB_POOL_QUEUE", 8192, 1, 1u << 24);
+    (void)env_number("TRIALHUB_WORKERS", 0, 0, 1024);
+    for (int i = 1; i < argc; i++) {
+        const char *v;
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            usage(stdout);
+            exit(0);
+        } else if (strcmp(argv[i], "--demo") == 0) {
+            o->demo = true;
+        } else if ((v = th_cmd_flag(argc, argv, &i, "listen"))) {
+            o->listen = v;
+        } else if ((v = th_cmd_flag(argc, argv, &i, "database"))) {
+            o->database = v;
+        } else if ((v = th_cmd_flag(argc, argv, &i, "questionnaires"))) {
+            o->questionnaires = v;
+        } else if ((v = th_cmd_flag(argc, argv, &i, "http-threads"))) {
+            o->http_threads = (unsigned)th_cmd_number("--http-threads", v, 0, 256);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "max-connections-per-ip"))) {
+            o->max_conns_ip = (unsigned)th_cmd_number("--max-connections-per-ip", v, 1, 1000000);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "max-connections"))) {
+            o->max_conns = (unsigned)th_cmd_number("--max-connections", v, 1, 1000000);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "idle-timeout"))) {
+            o->idle_timeout_s = (unsigned)th_cmd_number("--idle-timeout", v, 1, 3600);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "request-timeout"))) {
+            o->request_timeout_s = (unsigned)th_cmd_number("--request-timeout", v, 1, 3600);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "writer-queue"))) {
+            o->writer_queue = (unsigned)th_cmd_number("--writer-queue", v, 1, 1000000);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "writer-batch"))) {
+            o->writer_batch = (unsigned)th_cmd_number("--writer-batch", v, 1, 100000);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "writer-wait-us"))) {
+            o->writer_wait_us = (unsigned)th_cmd_number("--writer-wait-us", v, 0, 1000000);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "pool-threads"))) {
+            o->pool_threads = (unsigned)th_cmd_number("--pool-threads", v, 1, TH_POOL_MAX_THREADS);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "pool-queue"))) {
+            o->pool_queue = (unsigned)th_cmd_number("--pool-queue", v, 1, 1u << 24);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "workers"))) {
+            (void)th_cmd_number("--workers", v, 0, 1024);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "log-level"))) {
+            th_log_configure(th_log_level_parse(v), 2);
+        } else {
+            fprintf(stderr, "trialhub serve: unknown option '%s' (see --help)\n", argv[i]);
+            return 2;
+        }
+    }
+    return 0;
+}
+
+/* ---- demo seeding ------------------------------------------------------------------------ */
+
+typedef struct demo_keys {
+    th_key admin, investigator, patient;
+    char admin_text[TH_KEY_TEXT_MAX + 1];
+    char investigator_text[TH_KEY_TEXT_MAX + 1];
+    char patient_text[TH_KEY_TEXT_MAX + 1];
+    bool seed;
+} demo_keys;
+
+static int demo_apply(th_store *store, void *arg)
+{
+    demo_keys *d = arg;
+    int rc = 0;
+    if (d->seed) {
+        th_trial trial = {"DEMO", "Demo trial: weekly PHQ-9 and GAD-7", "[\"A\",\"B\"]",
+                          "[0,2,4,8,12]"};
+        rc = th_store_trial_insert(store, &trial);
+        static const char *const sites[][2] = {
+            {"S1", "Site one"}, {"S2", "Site two"}, {"S3", "Site three"}};
+        for (int i = 0; rc == 0 && i < 3; i++) {
+            th_site site = {"DEMO", sites[i][0], sites[i][1]};
+            rc = th_store_site_insert(store, &site);
+        }
+        for (int i = 1; rc == 0 && i <= 1000; i++) {
+            char id[16], on[16];
+            snprintf(id, sizeof(id), "P%04d", i);
+            snprintf(on, sizeof(on), "2026-%02d-%02d", 9 + (i % 3), 1 + (i % 28));
+            th_patient p = {"DEMO", id, sites[(i - 1) % 3][0], i % 2 ? "A" : "B", on};
+            rc = th_store_patient_insert(store, &p);
+        }
+    }
+    if (rc == 0) {
+        rc = th_store_key_insert(store, &d->admin);
+    }
+    if (rc == 0) {
+        rc = th_store_key_insert(store, &d->investigator);
+    }
+    if (rc == 0) {
+        rc = th_store_key_insert(store, &d->patient);
+    }
+    return rc;
+}
+
+static int seed_demo(th_writer *writer, th_roster *roster, th_keyring *keyring, const char *listen)
+{
+    demo_keys d;
+    memset(&d, 0, sizeof(d));
+    th_snapshot_guard g;
+    const th_roster_view *view = th_roster_acquire(roster, &g);
+    d.seed = view && th_roster_trial_find(view, "DEMO") == NULL;
+    th_snapshot_release(&g);
+    int64_t now_ms = (int64_t)(th_clock_wall_ns() / TH_NS_PER_MS);
+    if (th_key_generate(TH_ROLE_ADMIN, NULL, NULL, NULL, &d.admin, d.admin_text) != 0 ||
+        th_key_generate(TH_ROLE_INVESTIGATOR, "DEMO", NULL, NULL, &d.investigator,
+                        d.investigator_text) != 0 ||
+        th_key_generate(TH_ROLE_PATIENT, "DEMO", NULL, "P0001", &d.patient, d.patient_text) != 0) {
+        return TH_ESYS;
+    }
+    d.admin.created_ms = d.investigator.created_ms = d.patient.created_ms = now_ms;
+    int rc = th_writer_run(th_ctx_background(), writer, demo_apply, &d);
+    if (rc != 0) {
+        return rc;
+    }
+    if ((rc = th_roster_reload(roster)) != 0 || (rc = th_keyring_reload(keyring)) != 0) {
+        return rc;
+    }
+    printf("\ntrialhub demo: trial DEMO, sites S1-S3, patients P0001-P1000 %s.\n"
+           "  admin key:        %s\n"
+           "  investigator key: %s  (trial DEMO)\n"
+           "  patient key:      %s  (patient P0001)\n\n"
+           "Submit a PHQ-9 as patient P0001:\n"
+           "  curl -i -X POST http://%s/fhir/QuestionnaireResponse \\\n"
+           "    -H 'Authorization: Bearer %s' -H 'Content-Type: application/fhir+json' \\\n"
+           "    --data-binary @examples/phq9-response.json\n\n",
+           d.seed ? "created" : "already there", d.admin_text, d.investigator_text, d.patient_text,
+           listen, d.patient_text);
+    fflush(stdout);
+    return 0;
+}
+
+/* ---- run --------------------------------------------------------------------------------- */
+
+int th_cmd_serve(int argc, char **argv)
+{
+    serve_opts o;
+    memset(&o, 0, sizeof(o));
+    th_log_configure(th_log_level_parse(th_cmd_env("TRIALHUB_LOG_LEVEL", "info")), 2);
+    int rc = parse(argc, argv, &o);
+    if (rc != 0) {
+        return rc;
+    }
+    /* Signals are taken by this thread with sigtimedwait; every thread started below inherits
+     * the mask, so none of them is interrupted. */
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    th_qreg *qreg = NULL;
+    if (th_qreg_create(&qreg) != 0) {
+        fprintf(stderr, "trialhub serve: out of memory\n");
+        return 1;
+    }
+    if (o.questionnaires) {
+        char err[512] = "";
+        rc = th_qreg_load_dir(qreg, o.questionnaires, err, sizeof(err));
+        if (rc != 0) {
+            fprintf(stderr, "trialhub serve: cannot load questionnaires: %s\n", err);
+            th_qreg_destroy(qreg);
+            return 1;
+        }
+    }
+    th_store *store = th_cmd_open_store(o.database);
+    th_metrics *metrics = NULL;
+    th_writer *writer = NULL;
+    th_pool *pool = NULL;
+    th_roster *roster = NULL;
+    th_keyring *keyring = NULL;
+    th_scoring *scoring = NULL;
+    th_server *server = NULL;
+    const char *failed = NULL;
+
+    th_writer_config wcfg = {o.writer_queue, o.writer_batch, o.writer_wait_us};
+    th_pool_config pcfg = {"scoring", o.pool_threads, o.pool_queue};
+    if ((rc = th_metrics_create(&metrics)) != 0) {
+        failed = "metrics";
+    } else if ((rc = th_writer_create(store, &wcfg, metrics, &writer)) != 0) {
+        failed = "writer";
+    } else if ((rc = th_pool_create(&pcfg, &pool)) != 0) {
+        failed = "pool";
+    } else if ((rc = th_roster_create(store, &roster)) != 0) {
+        failed = "roster";
+    } else if ((rc = th_keyring_create(store, &keyring)) != 0) {
+        failed = "keyring";
+    } else if (o.demo && (rc = seed_demo(writer, roster, keyring, o.listen)) != 0) {
+        failed = "demo seed";
+    } else {
+        th_scoring_config scfg = {pool, writer, store, qreg, metrics, 1000};
+        if ((rc = th_scoring_create(&scfg, &scoring)) != 0) {
+            failed = "scoring";
+        }
+    }
+    char err[256] = "";
+    if (failed == NULL) {
+        th_server_config cfg = {
+            .listen = o.listen,
+            .threads = o.http_threads,
+            .conn_limit = o.max_conns,
+            .per_ip_limit = o.max_conns_ip,
+            .idle_timeout_s = o.idle_timeout_s,
+            .request_timeout_s = o.request_timeout_s,
+            .fhir_body_limit = 1024 * 1024,
+            .store = store,
+            .writer = writer,
+            .pool = pool,
+            .metrics = metrics,
+            .roster = roster,
+            .keyring = keyring,
+            .qreg = qreg,
+            .scoring = scoring,
+        };
+        rc = th_server_start(&cfg, &server, err, sizeof(err));
+        if (rc != 0) {
+            failed = err;
+        }
+    }
+    if (failed == NULL) {
+        char url[64];
+        snprintf(url, sizeof(url), "%.*s:%u", (int)(strrchr(o.listen, ':') - o.listen), o.listen,
+                 th_server_port(server));
+        TH_LOG(TH_LOG_INFO, "listening", TH_LOG_STR("address", url),
+               TH_LOG_STR("store", th_store_backend(store)),
+               TH_LOG_INT("questionnaires", th_qreg_count(qreg)));
+        if (th_keyring_active_count(keyring) == 0) {
+            th_log(TH_LOG_WARN,
+                   "no API keys yet: create an admin key with 'trialhub token create --role admin'",
+                   0, NULL);
+        }
+        /* Wait for a signal; refresh keys made or revoked by the CLI every few seconds. */
+        uint64_t last_refresh = th_clock_now_ns();
+        for (;;) {
+            struct timespec tick = {1, 0};
+            int sig = sigtimedwait(&sigs, NULL, &tick);
+            if (sig == SIGTERM || sig == SIGINT) {
+                TH_LOG(TH_LOG_INFO, "shutting down", TH_LOG_STR("signal", strsignal(sig)));
+                break;
+            }
+            if (th_clock_now_ns() - last_refresh > 5 * TH_NS_PER_S) {
+                if (th_keyring_reload(keyring) != 0) {
+                    th_log(TH_LOG_WARN, "cannot refresh API keys from the store", 0, NULL);
+                }
+                last_refresh = th_clock_now_ns();
+            }
+        }
+        th_server_quiesce(server);
+    } else {
+        fprintf(stderr, "trialhub serve: cannot start: %s: %s\n", failed, th_strerror(rc));
+    }
+
+    /* Shutdown order: requests in flight finish (their commits complete as the writer drains),
+     * scoring drains on the pool, the writer commits what is queued, then everything stops. */
+    if (scoring) {
+        th_scoring_stop(scoring);
+    }
+    if (pool) {
+        th_ctx *ctx = NULL;
+        if (th_ctx_with_timeout(th_ctx_background(), 10 * TH_NS_PER_S, &ctx) == 0) {
+            if (th_pool_shutdown(ctx, pool) != 0) {
+                th_log(TH_LOG_WARN, "scoring did not drain in time; rows stay pending", 0, NULL);
+            }
+            th_ctx_release(ctx);
+        }
+    }
+    if (writer) {
+        th_writer_stop(writer);
+    }
+    th_server_stop(server);
+    th_scoring_destroy(scoring);
+    th_pool_destroy(pool);
+    th_writer_destroy(writer);
+    th_keyring_destroy(keyring);
+    th_roster_destroy(roster);
+    th_store_close(store);
+    th_metrics_destroy(metrics);
+    th_qreg_destroy(qreg);
+    if (failed == NULL) {
+        th_log(TH_LOG_INFO, "stopped", 0, NULL);
+    }
+    return failed == NULL ? 0 : 1;
+}

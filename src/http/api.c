@@ -1,0 +1,123 @@
+/* Assembles the route table from each area and holds what handlers share. */
+#include "http/api.h"
+
+#include <string.h>
+
+#include "trialhub/alloc.h"
+#include "trialhub/log.h"
+
+th_api *th__api_of(th_req *req)
+{
+    return th__server_api(req->srv);
+}
+
+int th__api_create(th_server *srv, const th_server_config *cfg, th_api **out,
+                   const th_route **routes, size_t *nroutes)
+{
+    th_api *api = th_calloc(1, sizeof(*api));
+    if (api == NULL) {
+        return TH_ENOMEM;
+    }
+    api->srv = srv;
+    api->cfg = cfg;
+    size_t n = th__health_nroutes + th__admin_nroutes + th__fhir_nroutes;
+    api->routes = th_calloc(n, sizeof(th_route));
+    if (api->routes == NULL) {
+        th_free(api);
+        return TH_ENOMEM;
+    }
+    memcpy(api->routes, th__health_routes, th__health_nroutes * sizeof(th_route));
+    memcpy(api->routes + th__health_nroutes, th__admin_routes,
+           th__admin_nroutes * sizeof(th_route));
+    memcpy(api->routes + th__health_nroutes + th__admin_nroutes, th__fhir_routes,
+           th__fhir_nroutes * sizeof(th_route));
+    api->nroutes = n;
+    static const char *const outcome[] = {"outcome"};
+    int rc = th_metrics_counter(cfg->metrics, "trialhub_submissions_total",
+                                "QuestionnaireResponse submissions by outcome.", 1, outcome,
+                                &api->m_submissions);
+    if (rc == 0) {
+        rc = th__health_register_metrics(api);
+    }
+    if (rc != 0) {
+        th__api_destroy(api);
+        return rc;
+    }
+    *out = api;
+    *routes = api->routes;
+    *nroutes = api->nroutes;
+    return 0;
+}
+
+void th__api_destroy(th_api *api)
+{
+    if (api == NULL) {
+        return;
+    }
+    th_free(api->routes);
+    th_free(api);
+}
+
+json_t *th__api_json_body(th_req *req)
+{
+    json_error_t err;
+    json_t *value = json_loadb(req->body.data ? req->body.data : "", req->body.len,
+                               JSON_REJECT_DUPLICATES, &err);
+    if (value == NULL) {
+        char detail[200];
+        snprintf(detail, sizeof(detail), "malformed JSON at line %d, column %d", err.line,
+                 err.column);
+        th__resp_error(req, 400, detail);
+    } else if (!json_is_object(value)) {
+        json_decref(value);
+        th__resp_error(req, 400, "the body must be a JSON object");
+        value = NULL;
+    }
+    return value;
+}
+
+void th__api_json(th_req *req, unsigned status, json_t *value)
+{
+    char *text = json_dumps(value, JSON_COMPACT);
+    json_decref(value);
+    if (text == NULL) {
+        th__resp_error(req, 503, "out of memory");
+        return;
+    }
+    th_buf b;
+    th_buf_init(&b, 0);
+    th_buf_puts(&b, text);
+    free(text);
+    th__resp_buf(req, status, "application/json", &b);
+}
+
+static int api_write_apply(th_store *store, th_write_job *job)
+{
+    th_api_write *w = (th_api_write *)job;
+    return w->apply(store, w);
+}
+
+static void api_write_done(th_write_job *job, int status)
+{
+    th_api_write *w = (th_api_write *)job;
+    th_req *req = w->req;
+    w->done(w, status);
+    th__req_resume(req);
+}
+
+bool th__api_write(th_req *req, th_api_write *w)
+{
+    w->req = req;
+    w->job.apply = api_write_apply;
+    w->job.done = api_write_done;
+    th__req_suspend(req);
+    int rc = th_writer_try_submit(th__api_of(req)->cfg->writer, &w->job);
+    if (rc != 0) {
+        th__resp_error(req, 503,
+                       rc == TH_EOVERLOAD ? "the writer is busy; retry shortly"
+                                          : "the store cannot take writes now");
+        th__req_resume(req);
+        return false;
+    }
+    return true;
+}

@@ -1,0 +1,40 @@
+/* The store's backend vtable: each backend (sqlite.c, later postgres.c) fills one of these, and
+ * store.c dispatches the public th_store_* calls through it. */
+#ifndef TRIALHUB_STORE_INT_H
+#define TRIALHUB_STORE_INT_H
+
+#include "trialhub/store.h"
+
+typedef struct th_store_ops {
+    const char *name;
+    void (*close)(th_store *store);
+    int (*begin)(th_store *store);
+    int (*commit)(th_store *store);
+    void (*rollback)(th_store *store);
+    int (*trial_insert)(th_store *store, const th_trial *trial);
+    int (*site_insert)(th_store *store, const th_site *site);
+    int (*patient_insert)(th_store *store, const th_patient *patient);
+    int (*key_insert)(th_store *store, const th_key *key);
+    int (*key_revoke)(th_store *store, const char *key_id, int64_t revoked_ms);
+    int (*qr_insert)(th_store *store, th_qr_row *row);
+    int (*qr_set_score)(th_store *store, const th_qr_score *score, int64_t now_ms);
+    int (*trials_each)(th_store *store, int (*fn)(void *, const th_trial *), void *arg);
+    int (*sites_each)(th_store *store, int (*fn)(void *, const th_site *), void *arg);
+    int (*patients_each)(th_store *store, int (*fn)(void *, const th_patient *), void *arg);
+    int (*keys_each)(th_store *store, int (*fn)(void *, const th_key *), void *arg);
+    int (*qr_get)(th_store *store, int64_t id, th_qr_stored *out);
+    int (*qr_pending)(th_store *store, int64_t after_id, int64_t before_ms, int limit,
+                      int (*fn)(void *, int64_t), void *arg);
+    int (*qr_count)(th_store *store, int64_t *count);
+    int (*ping)(th_store *store);
+} th_store_ops;
+
+/* Every backend's store struct starts with this header. */
+struct th_store {
+    const th_store_ops *ops;
+};
+
+/* Backend constructors: path is the URL with the scheme removed. */
+int th__store_sqlite_open(const char *path, th_store **out, char *errbuf, size_t errlen);
+
+#endif
