@@ -5,7 +5,7 @@ JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 BUILD ?= build
 CMAKE_FLAGS ?=
 
-.PHONY: all deps build run test test-fast bench-deps bench-core bench-ingest format format-check lint clean
+.PHONY: all deps build run test test-fast bench-deps bench-core bench-ingest fuzz format format-check lint clean
 
 all: build
 
@@ -18,9 +18,10 @@ $(BUILD)/CMakeCache.txt:
 build: deps $(BUILD)/CMakeCache.txt
 	cmake --build $(BUILD) -j $(JOBS)
 
-## make run: set up, build, and start the service on the embedded default.
+## make run: set up, build, and start the service on the embedded default (SQLite in ./data),
+## with a demo trial and freshly printed keys.
 run: build
-	$(BUILD)/trialhub serve
+	$(BUILD)/trialhub serve --demo
 
 ## make test: set up, build, and run every test in the plain, ASan+UBSan and TSan builds.
 test: deps
@@ -51,6 +52,15 @@ bench-ingest: bench-deps build-bench/CMakeCache.txt
 	else echo "bench-ingest: ../shared/peers/go-seed not found: measuring trialhub alone"; fi
 	python3 bench/ingest/bench.py $(BENCH_ARGS)
 
+## make fuzz: libFuzzer (clang, ASan+UBSan) on the QuestionnaireResponse parser; FUZZ_SECONDS=60
+FUZZ_SECONDS ?= 60
+fuzz: deps
+	cmake -S . -B build-fuzz -DCMAKE_C_COMPILER=clang -DTH_SANITIZE=address,undefined \
+	  -DTH_LIBFUZZER=ON >/dev/null
+	cmake --build build-fuzz -j $(JOBS) --target fuzz_qr
+	mkdir -p build-fuzz/corpus-qr
+	build-fuzz/tests/fuzz_qr -max_total_time=$(FUZZ_SECONDS) build-fuzz/corpus-qr tests/fuzz/corpus/qr
+
 C_FILES = $(shell find include src tests bench -name '*.[ch]' -not -path '*/node_modules/*' 2>/dev/null | sort)
 
 format:
@@ -68,4 +78,4 @@ lint: build
 	  && echo "lint: clean"
 
 clean:
-	rm -rf build build-asan build-tsan build-bench
+	rm -rf build build-asan build-tsan build-bench build-fuzz

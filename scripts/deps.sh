@@ -29,15 +29,27 @@ for p in "${want[@]}"; do
     fi
 done
 
-if [ ${#missing[@]} -eq 0 ]; then
-    exit 0
+# Node.js runs the test clients (fhir-kit-client) and the OpenAPI linter. A machine that
+# already has node and npm (from Debian or elsewhere) keeps them.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    missing+=(nodejs npm)
 fi
 
-echo "deps: installing ${missing[*]}" >&2
-sudo=""
-if [ "$(id -u)" -ne 0 ]; then
-    sudo="sudo"
+if [ ${#missing[@]} -ne 0 ]; then
+    echo "deps: installing ${missing[*]}" >&2
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        sudo="sudo"
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+
+# npm packages for the test clients only, pinned by tests/node/package-lock.json.
+here=$(cd "$(dirname "$0")/.." && pwd)
+if [ ! -f "$here/tests/node/node_modules/.package-lock.json" ] ||
+    [ "$here/tests/node/package-lock.json" -nt "$here/tests/node/node_modules/.package-lock.json" ]; then
+    echo "deps: npm ci in tests/node" >&2
+    (cd "$here/tests/node" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi

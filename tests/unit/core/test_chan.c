@@ -40,7 +40,7 @@
 #define MS(x) ((uint64_t)(x)*TH_NS_PER_MS)
 /* How late a deadline may fire, and how long a wake-up may take, on a noisy 2-core machine. */
 #define LATE_NS   MS(20)
-#define PROMPT_NS MS(50)
+#define PROMPT_NS MS(200)
 
 /* ---- helpers ----------------------------------------------------------------------------- */
 

@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <setjmp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <cmocka.h>
 
 #include <errno.h>
@@ -36,9 +37,11 @@
 #define SCALED(n) (TEST_TSAN ? (n) / 4 : (n))
 
 #define MS(x) ((uint64_t)(x)*TH_NS_PER_MS)
-/* How late a deadline may fire, and how long a wake-up may take, on a noisy 2-core machine. */
+/* How late a deadline may fire, and how long a wake-up may take, on a noisy 2-core machine that
+ * runs the sanitizer builds two tests at a time: a broken wake-up hangs for seconds, so these
+ * bounds still tell it apart from a slow scheduler. */
 #define LATE_NS   MS(20)
-#define PROMPT_NS MS(50)
+#define PROMPT_NS MS(200)
 
 /* ---- helpers ----------------------------------------------------------------------------- */
 
@@ -566,8 +569,16 @@ static void test_deadline_error_reaches_descendants(void **state)
     assert_int_equal(atomic_load(&calls), 0);
 }
 
-/* Several deadlines created out of order: each fires not before its time, within LATE_NS after
- * it, and in deadline order. */
+/* Several deadlines created out of order: each fires not before its time, in deadline order,
+ * the median within LATE_NS after its time and none later than PROMPT_NS (one scheduling
+ * hiccup on a loaded machine must not fail the suite; a timer that polls or sleeps too long
+ * would). */
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
 static void test_deadline_accuracy_and_order(void **state)
 {
     (void)state;
@@ -588,6 +599,7 @@ static void test_deadline_accuracy_and_order(void **state)
     for (int k = 0; k < N; k++) {
         assert_int_equal(poll_in(ctx_fd(ctx[k]), 5000), 1);
     }
+    uint64_t late[N];
     for (int k = 0; k < N; k++) {
         assert_false(th_ctx_after_func_stop(&hooks[k]));
         assert_int_equal(atomic_load(&recs[k].calls), 1);
@@ -598,13 +610,19 @@ static void test_deadline_accuracy_and_order(void **state)
             fail_msg("deadline %d fired %llu ns early", k,
                      (unsigned long long)(deadline - recs[k].when_ns));
         }
-        if (recs[k].when_ns - deadline >= LATE_NS) {
+        late[k] = recs[k].when_ns - deadline;
+        if (late[k] >= PROMPT_NS) {
             fail_msg("deadline %d fired %llu us late", k,
-                     (unsigned long long)((recs[k].when_ns - deadline) / TH_NS_PER_US));
+                     (unsigned long long)(late[k] / TH_NS_PER_US));
         }
         assert_int_equal(recs[k].seq_no, k);
         assert_int_equal(th_ctx_remaining_ns(ctx[k]), 0);
         th_ctx_release(ctx[k]);
+    }
+    qsort(late, N, sizeof(late[0]), cmp_u64);
+    if (late[N / 2] >= LATE_NS) {
+        fail_msg("deadlines fired %llu us late (median)",
+                 (unsigned long long)(late[N / 2] / TH_NS_PER_US));
     }
 }
 
@@ -1391,80 +1409,98 @@ static void two_cpus(const cpu_set_t *allowed, int cpus[2])
     }
 }
 
-enum { WIDE = 20000 };
+/* Children per round (fewer under TSan, where the walk is slow anyway). */
+enum { WIDE = 20000, WIDE_WATCHERS = 2 };
+#define WIDE_N (TEST_TSAN ? WIDE / 4 : WIDE)
 
 typedef struct wide_arg {
-    th_ctx *target;   /* canceled by the second thread while the first cancel walks */
-    th_ctx **kids;    /* target's WIDE children */
-    atomic_int ready; /* the second thread is watching */
-    int cpu;          /* for the second thread, or -1 */
-    bool kid_live;    /* a child was live right after the second cancel returned */
+    th_ctx *target;   /* canceled by this watcher while the first cancel walks */
+    th_ctx **kids;    /* target's WIDE_N children */
+    atomic_int ready; /* the watcher is watching */
+    int cpu;          /* for the watcher, or -1 */
+    bool kid_live;    /* a child was live right after the watcher's cancel returned */
     int target_err;
 } wide_arg;
 
-static void *second_canceler(void *p)
+static void *wide_watcher(void *p)
 {
     wide_arg *arg = p;
+    int n = WIDE_N;
     pin_to_cpu(arg->cpu);
     atomic_store(&arg->ready, 1);
     /* Wait until the first cancel has reached the children (a walk starts at one end or the
      * other): it is then surely under way, and still has most of the children to go. */
-    while (!th_ctx_done(arg->kids[0]) && !th_ctx_done(arg->kids[WIDE - 1])) {
+    while (!th_ctx_done(arg->kids[0]) && !th_ctx_done(arg->kids[n - 1])) {
     }
     th_ctx_cancel(arg->target);
     /* From both ends towards the middle, whatever order a walk takes the children in. */
     arg->kid_live = false;
-    for (int i = 0; i < WIDE / 2 && !arg->kid_live; i++) {
-        arg->kid_live = !th_ctx_done(arg->kids[i]) || !th_ctx_done(arg->kids[WIDE - 1 - i]);
+    for (int i = 0; i < n / 2 && !arg->kid_live; i++) {
+        arg->kid_live = !th_ctx_done(arg->kids[i]) || !th_ctx_done(arg->kids[n - 1 - i]);
     }
     arg->target_err = th_ctx_err(arg->target);
     return NULL;
 }
 
 enum wide_mode {
-    WIDE_SAME,       /* both threads cancel the same context */
-    WIDE_DESCENDANT, /* the second cancels a child of what the first cancels */
-    WIDE_TIMER,      /* the first is the timer thread (a deadline on the top context) */
+    WIDE_SAME,       /* the watcher cancels the same context as the first canceler */
+    WIDE_DESCENDANT, /* the watcher cancels a child of what the first canceler cancels */
+    WIDE_TIMER,      /* the first canceler is the timer thread (a deadline on the top) */
 };
 
-/* One round: top (-> mid) -> WIDE children. The first cancel starts at top; a second thread
- * cancels its target (top or mid) while that walk is under way. Returns whether the second
- * cancel returned while a child of its target was still live. */
+/* One round: top (-> mid) -> WIDE_N children. The first cancel starts at top (this thread, or
+ * the timer); watcher threads cancel their target (top or mid) while that walk is under way.
+ * With the timer, whose CPU is unknown, there is a watcher on each of two CPUs. Returns whether
+ * some watcher's cancel returned while a child of its target was still live. */
 static bool wide_round(enum wide_mode mode, th_ctx **kids, const int cpus[2])
 {
-    th_ctx *top = mode == WIDE_TIMER ? new_timeout(th_ctx_background(), MS(20))
+    int n = WIDE_N;
+    th_ctx *top = mode == WIDE_TIMER ? new_timeout(th_ctx_background(), MS(TEST_TSAN ? 150 : 30))
                                      : new_cancel(th_ctx_background());
     th_ctx *mid = mode == WIDE_SAME ? NULL : new_cancel(top);
-    wide_arg arg = {
-        .target = mid ? mid : top, .kids = kids, .cpu = mode == WIDE_TIMER ? -1 : cpus[1]};
-    for (int i = 0; i < WIDE; i++) {
-        kids[i] = new_cancel(arg.target);
+    th_ctx *target = mid ? mid : top;
+    for (int i = 0; i < n; i++) {
+        kids[i] = new_cancel(target);
     }
-    pthread_t t = spawn(second_canceler, &arg);
-    while (!atomic_load(&arg.ready)) {
-        sched_yield();
+    int watchers = mode == WIDE_TIMER ? 2 : 1;
+    wide_arg args[WIDE_WATCHERS];
+    pthread_t threads[WIDE_WATCHERS];
+    for (int w = 0; w < watchers; w++) {
+        args[w] = (wide_arg){
+            .target = target, .kids = kids, .cpu = mode == WIDE_TIMER ? cpus[w] : cpus[1]};
+        threads[w] = spawn(wide_watcher, &args[w]);
+    }
+    for (int w = 0; w < watchers; w++) {
+        while (!atomic_load(&args[w].ready)) {
+            sched_yield();
+        }
     }
     if (mode != WIDE_TIMER) {
         th_ctx_cancel(top);
     }
-    join(t);
+    bool late = false;
+    int want = mode == WIDE_TIMER ? TH_ETIMEDOUT : TH_ECANCELED;
+    for (int w = 0; w < watchers; w++) {
+        join(threads[w]);
+        assert_int_equal(args[w].target_err, want);
+        late = late || args[w].kid_live;
+    }
     /* For the timer's walk to be over: this cancel must wait for it (and changes nothing). */
     th_ctx_cancel(top);
-    int want = mode == WIDE_TIMER ? TH_ETIMEDOUT : TH_ECANCELED;
-    assert_int_equal(arg.target_err, want);
-    for (int i = 0; i < WIDE; i++) {
+    for (int i = 0; i < n; i++) {
         assert_int_equal(th_ctx_err(kids[i]), want);
         th_ctx_release(kids[i]);
     }
     th_ctx_release(mid);
     th_ctx_release(top);
-    return arg.kid_live;
+    return late;
 }
 
 /* "th_ctx_cancel cancels ctx and every descendant": when th_ctx_cancel(x) returns, on any thread,
  * x's whole subtree is done, also when another thread (or the timer) is already canceling x or
  * one of its ancestors (Go's guarantee: the second cancel waits for the first to finish). A wide
- * tree makes the first cancel's walk long enough to race into. */
+ * tree makes the first cancel's walk long enough to race into, and the threads are put on
+ * different CPUs so that they really overlap. */
 static void test_concurrent_cancel_reaches_descendants_before_return(void **state)
 {
     (void)state;
@@ -1486,12 +1522,17 @@ static void test_concurrent_cancel_reaches_descendants_before_return(void **stat
     if (cpus[0] >= 0) {
         (void)pthread_setaffinity_np(pthread_self(), sizeof(saved), &saved);
     }
+    char msg[512] = "";
+    size_t used = 0;
     for (int mode = WIDE_SAME; mode <= WIDE_TIMER; mode++) {
-        if (late[mode] > 0) {
-            fail_msg("%s: in %d of %d rounds th_ctx_cancel() returned on the second thread "
-                     "while a child of its context was still live",
-                     names[mode], late[mode], rounds);
+        if (late[mode] > 0 && used < sizeof(msg)) {
+            int k = snprintf(msg + used, sizeof(msg) - used, " [%s: %d of %d rounds]", names[mode],
+                             late[mode], rounds);
+            used += k > 0 ? (size_t)k : 0;
         }
+    }
+    if (used > 0) {
+        fail_msg("th_ctx_cancel() returned while a child of its context was still live:%s", msg);
     }
 }
 
@@ -1576,22 +1617,21 @@ static void *stress_worker(void *p)
         if (handed) {
             th_ctx_unref(atomic_exchange(&s->slot[arg->id], th_ctx_ref(c[A])));
         }
-        /* When A was handed to the chaos thread, its cancel may be under way there, and then this
-         * thread's cancel returns before the descendants are reached (see
-         * test_concurrent_cancel_reaches_descendants_before_return): descendants are checked
-         * only when this thread is the only canceler. */
+        /* When th_ctx_cancel(x) returns, x's subtree is done, even while the chaos thread (or
+         * the timer) is canceling x or an ancestor. Contexts outside x's subtree are live unless
+         * A was handed to the chaos thread. */
         switch (xorshift(&rng) % 5) {
         case 0:
             th_ctx_cancel(c[A]);
             T_CHECK(th_ctx_err(c[A]) == TH_ECANCELED);
-            T_CHECK(handed || th_ctx_err(c[B]) == TH_ECANCELED);
-            T_CHECK(handed || th_ctx_err(c[C]) == TH_ECANCELED || th_ctx_err(c[C]) == TH_ETIMEDOUT);
-            T_CHECK(handed || th_ctx_err(c[D]) == TH_ECANCELED);
+            T_CHECK(th_ctx_err(c[B]) == TH_ECANCELED);
+            T_CHECK(th_ctx_err(c[C]) == TH_ECANCELED || th_ctx_err(c[C]) == TH_ETIMEDOUT);
+            T_CHECK(th_ctx_err(c[D]) == TH_ECANCELED);
             break;
         case 1:
             th_ctx_cancel(c[B]);
             T_CHECK(th_ctx_err(c[B]) == TH_ECANCELED);
-            T_CHECK(handed || th_ctx_done(c[C]));
+            T_CHECK(th_ctx_done(c[C]));
             T_CHECK(handed || (!th_ctx_done(c[A]) && !th_ctx_done(c[D])));
             break;
         case 2:
