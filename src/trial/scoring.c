@@ -212,6 +212,16 @@ static void *sweeper_main(void *arg)
     return NULL;
 }
 
+static void collect_events(void *arg, th_metric *family, th_buf *out)
+{
+    th_scoring_stats st;
+    th_scoring_get_stats(arg, &st);
+    th_metrics_sample(out, family, NULL, "event=\"scored\"", (double)st.scored);
+    th_metrics_sample(out, family, NULL, "event=\"deferred\"", (double)st.deferred);
+    th_metrics_sample(out, family, NULL, "event=\"swept\"", (double)st.swept);
+    th_metrics_sample(out, family, NULL, "event=\"safety_alert\"", (double)st.alerts);
+}
+
 int th_scoring_create(const th_scoring_config *config, th_scoring **out)
 {
     if (config == NULL || config->pool == NULL || config->writer == NULL || config->store == NULL ||
@@ -236,6 +246,12 @@ int th_scoring_create(const th_scoring_config *config, th_scoring **out)
         rc = th_metrics_counter(config->metrics, "trialhub_scored_total",
                                 "Questionnaire responses scored, by severity band.", 1, band_label,
                                 &s->m_scored);
+    }
+    if (rc == 0 && config->metrics) {
+        rc = th_metrics_collector(config->metrics, "trialhub_scoring_events_total",
+                                  "Scoring: rows scored, left pending for the sweeper (deferred), "
+                                  "re-queued by the sweeper (swept), safety alerts raised.",
+                                  "counter", collect_events, s);
     }
     if (rc == 0) {
         rc = th__thread_start(&s->sweeper, "th-sweeper", sweeper_main, s);

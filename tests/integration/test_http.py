@@ -68,13 +68,19 @@ class Http(ServerTest):
         text = r.body.decode()
         for name in ("trialhub_http_requests_total", "trialhub_http_request_duration_seconds",
                      "trialhub_pool_tasks", "trialhub_writer_batch_size",
-                     "trialhub_writer_commit_seconds", "trialhub_submissions_total"):
+                     "trialhub_writer_commit_seconds", "trialhub_submissions_total",
+                     "trialhub_scoring_events_total"):
             self.assertIn(name, text)
         promtool = shutil.which("promtool")
         if promtool is None:
             self.fail("promtool missing: scripts/deps.sh installs the prometheus package")
         out = subprocess.run([promtool, "check", "metrics"], input=r.body, capture_output=True)
         self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+
+    def test_oversized_headers_are_refused(self):
+        r = self.server.request("GET", "/healthz", headers={"X-Big": "a" * 20000})
+        self.assertIn(r.status, (413, 431))
+        self.assertEqual(self.server.request("GET", "/healthz").status, 200)
 
     def test_admin_routes_need_admin(self):
         r = self.server.request("POST", "/v1/keys", {"role": "investigator", "trial": "T1"},
