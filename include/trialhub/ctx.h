@@ -49,7 +49,10 @@ TH_MUST_CHECK int th_ctx_with_timeout(th_ctx *parent, uint64_t timeout_ns, th_ct
 
 /* Cancels ctx and every descendant with TH_ECANCELED, unless already done (then nothing
  * changes: the first cause wins). Wakes every waiter: fds become readable, after-funcs run on
- * the calling thread before this returns. Thread-safe; a no-op on the background context. */
+ * the calling thread before this returns. When it returns, on any thread, ctx and all its
+ * descendants are done, even if another thread was canceling ctx or an ancestor at the same
+ * time. While a cancel is in flight, another thread may briefly see ctx done and a descendant
+ * not yet done. Thread-safe; a no-op on the background context. */
 void th_ctx_cancel(th_ctx *ctx);
 
 /* Cancels ctx (as th_ctx_cancel) and drops the creator's reference; the memory is freed when the

@@ -697,7 +697,7 @@ static void test_mpmc_exactly_once(void **state)
 static void test_mpmc_exactly_once_cap1_with_ctx(void **state)
 {
     (void)state;
-    run_mpmc(1, SCALED(100000), true);
+    run_mpmc(1, SCALED(60000), true);
 }
 
 /* ---- fan-out / fan-in -------------------------------------------------------------------- */
