@@ -4,10 +4,13 @@
  * own linkIds and numbers, and positions, never from the submitted values.
  *
  * Cost, measured with callgrind (instruction counts are stable on the shared 2-core dev VM) and
- * with the CPU-time loop in tests/unit/fhir/test_fhir_qr.c (test_cost), RelWithDebInfo, gcc 12,
- * 2.6 GHz EPYC: for a 1.4-1.6 KB PHQ-9 response jansson's json_loadb takes ~290k instructions
- * (20-25 us CPU), and this file's walk adds ~16k (~1 us); the 53 KB MII PHQ-9 example (mostly
- * XHTML narrative) takes 0.6-0.8 ms, nearly all jansson. See docs/internals/fhir.md. */
+ * with the CPU-time loop in tests/unit/fhir/test_fhir_qr.c (test_cost), RelWithDebInfo, gcc 12:
+ * for the 1.6 KB PHQ-9 body of bench/ingest/fhir_post.lua, jansson's json_loadb took ~302k
+ * instructions (~261k for tests/fuzz/corpus/qr/phq9-valid.json, 1.35 KB); th__json_parse
+ * (json_parse.c), which builds the same jansson tree, takes ~89k (~82k), a good half of it
+ * jansson's own node allocation and hashing. This file's walk adds ~16k (~1 us). The 53 KB MII
+ * PHQ-9 example (mostly XHTML narrative) drops from ~7.5M to ~1.0M instructions. See
+ * docs/internals/fhir.md. */
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -17,10 +20,7 @@
 #include "trialhub/alloc.h"
 #include "trialhub/clock.h"
 
-/* The body parser is compiled into this file's object: th_fhir's source list lives in the
- * top-level CMakeLists.txt, which this change could not touch. Moving it to its own entry there
- * (and dropping this include) changes nothing else. */
-#include "fhir/json_parse.c"
+#include "fhir/json_int.h"
 
 #define VISIT_WEEK_URL "https://trialhub.dev/fhir/StructureDefinition/visit-week"
 #define VISIT_WEEK_MAX 1040 /* twenty years of weekly visits */
