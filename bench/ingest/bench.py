@@ -94,10 +94,19 @@ class Trialhub:
         wait_http(self.base + "/healthz")
 
     def stop(self):
+        try:  # the server's own view of the run, kept with BENCH_KEEP=1
+            with urllib.request.urlopen(self.base + "/metrics", timeout=10) as r, \
+                    open(os.path.join(self.dir, "metrics.txt"), "wb") as f:
+                f.write(r.read())
+        except OSError:
+            pass
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=60)
         self.log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if os.environ.get("BENCH_KEEP"):
+            print("  kept %s" % self.dir)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class GoSeed:
@@ -184,7 +193,7 @@ def main():
     ap.add_argument("--sections", default="post,get,healthz")
     args = ap.parse_args()
     conns = [int(c) for c in args.conns.split(",")]
-    work = tempfile.mkdtemp(prefix="bench-ingest-")
+    work = tempfile.mkdtemp(prefix="bench-ingest-")  # BENCH_KEEP=1 keeps it (server logs)
     have_peer = os.path.exists(args.peer)
     have_nginx = shutil.which("nginx") is not None
     print("bench-ingest: %s, %d cores, %s" % (time.strftime("%Y-%m-%d %H:%M"), os.cpu_count(),
@@ -226,7 +235,8 @@ def main():
                 for s in servers:
                     s.stop()
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
 
     print()
     print("| endpoint | server | conns | req/s median (min-max) | p50 ms | p99 ms median (min-max)"

@@ -5,6 +5,7 @@
 #ifndef TRIALHUB_SERVER_H
 #define TRIALHUB_SERVER_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -27,7 +28,7 @@ typedef struct th_server_config {
     unsigned per_ip_limit;      /* connections per client address */
     unsigned idle_timeout_s;    /* keep-alive idle and header deadline */
     unsigned request_timeout_s; /* from headers to complete body */
-    size_t fhir_body_limit;     /* bytes; larger bodies get 413 */
+    bool use_epoll;             /* epoll instead of poll (see docs/internals/http.md) */
     /* borrowed */
     th_store *store;
     th_writer *writer;

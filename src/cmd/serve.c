@@ -34,6 +34,8 @@ static void usage(FILE *out)
           "files\n"
           "  --demo                    seed a demo trial (3 sites, 1,000 patients) and print keys\n"
           "  --http-threads N          [TRIALHUB_HTTP_THREADS] default: one per core\n"
+          "  --http-epoll              [TRIALHUB_HTTP_EPOLL=1] epoll instead of poll (see "
+          "docs/internals/http.md)\n"
           "  --max-connections N       [TRIALHUB_MAX_CONNECTIONS] default 10000\n"
           "  --max-connections-per-ip N [TRIALHUB_MAX_CONNECTIONS_PER_IP] default 1024\n"
           "  --idle-timeout S          [TRIALHUB_IDLE_TIMEOUT] keep-alive idle and header deadline,"
@@ -58,6 +60,7 @@ typedef struct serve_opts {
     const char *database;
     const char *questionnaires;
     bool demo;
+    bool http_epoll;
     unsigned http_threads;
     unsigned max_conns;
     unsigned max_conns_ip;
@@ -83,6 +86,7 @@ static int parse(int argc, char **argv, serve_opts *o)
     o->database = th_cmd_env("TRIALHUB_DATABASE_URL", TH_DEFAULT_DATABASE_URL);
     o->questionnaires = th_cmd_env("TRIALHUB_QUESTIONNAIRES", NULL);
     o->http_threads = env_number("TRIALHUB_HTTP_THREADS", 0, 0, 256);
+    o->http_epoll = env_number("TRIALHUB_HTTP_EPOLL", 0, 0, 1) == 1;
     o->max_conns = env_number("TRIALHUB_MAX_CONNECTIONS", 10000, 1, 1000000);
     o->max_conns_ip = env_number("TRIALHUB_MAX_CONNECTIONS_PER_IP", 1024, 1, 1000000);
     o->idle_timeout_s = env_number("TRIALHUB_IDLE_TIMEOUT", 30, 1, 3600);
@@ -100,6 +104,8 @@ static int parse(int argc, char **argv, serve_opts *o)
             exit(0);
         } else if (strcmp(argv[i], "--demo") == 0) {
             o->demo = true;
+        } else if (strcmp(argv[i], "--http-epoll") == 0) {
+            o->http_epoll = true;
         } else if ((v = th_cmd_flag(argc, argv, &i, "listen"))) {
             o->listen = v;
         } else if ((v = th_cmd_flag(argc, argv, &i, "database"))) {
@@ -293,7 +299,7 @@ int th_cmd_serve(int argc, char **argv)
             .per_ip_limit = o.max_conns_ip,
             .idle_timeout_s = o.idle_timeout_s,
             .request_timeout_s = o.request_timeout_s,
-            .fhir_body_limit = 1024 * 1024,
+            .use_epoll = o.http_epoll,
             .store = store,
             .writer = writer,
             .pool = pool,

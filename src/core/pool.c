@@ -319,7 +319,7 @@ static void *worker_main(void *arg)
 static int start_worker_locked(th_pool *pool, unsigned i)
 {
     worker *w = &pool->workers[i];
-    char name[16];
+    char name[32]; /* th__thread_start keeps the first 15 bytes */
     snprintf(name, sizeof(name), "%s-%u", pool->name, i);
     w->index = i;
     w->pool = pool;

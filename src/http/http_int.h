@@ -67,6 +67,7 @@ struct th_req {
     const char *method;
     const char *url;
     const th_route *route;
+    bool fhir; /* errors as OperationOutcome: a /fhir route, or /fhir without a route */
     char path_buf[256];
     const char *params[TH_ROUTE_MAX_PARAMS];
     unsigned nparams;

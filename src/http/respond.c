@@ -137,7 +137,7 @@ void th__resp_error(th_req *req, unsigned status, const char *detail)
 {
     th_buf b;
     th_buf_init(&b, 0);
-    if (req->route && req->route->fhir) {
+    if (req->fhir) {
         th_buf_puts(&b, "{\"resourceType\":\"OperationOutcome\",\"issue\":[{\"severity\":\"");
         th_buf_puts(&b, status >= 500 ? "fatal" : "error");
         th_buf_puts(&b, "\",\"code\":\"");

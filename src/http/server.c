@@ -238,26 +238,19 @@ static void on_headers(th_req *req, const char *method, const char *url)
         uint32_t n = atomic_fetch_add_explicit(&srv->req_counter, 1, memory_order_relaxed);
         snprintf(req->req_id, sizeof(req->req_id), "%08x%08x", srv->req_prefix, n);
     }
-    const char *clen_h = th__req_header(req, MHD_HTTP_HEADER_CONTENT_LENGTH);
-    req->has_body = (clen_h && strcmp(clen_h, "0") != 0) ||
+    const char *clen = th__req_header(req, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    req->has_body = (clen && strcmp(clen, "0") != 0) ||
                     th__req_header(req, MHD_HTTP_HEADER_TRANSFER_ENCODING) != NULL;
     req->route = th__route_match(srv->routes, srv->nroutes, method, url, req->path_buf,
                                  sizeof(req->path_buf), req->params, &req->nparams, &allow);
+    req->fhir = req->route ? req->route->fhir : strncmp(url, "/fhir", 5) == 0;
     conn_deadline(req, srv->cfg.request_timeout_s);
     if (req->route == NULL) {
-        /* The style follows the prefix even without a route. */
-        static const th_route fhir_style = {.fhir = true};
-        if (strncmp(url, "/fhir", 5) == 0) {
-            req->route = &fhir_style;
-        }
         if (allow) {
             snprintf(req->resp.allow, sizeof(req->resp.allow), "%s", allow);
             early_error(req, 405, "method not allowed on this resource");
         } else {
             early_error(req, 404, "no such resource");
-        }
-        if (req->route == &fhir_style) {
-            req->route = NULL;
         }
         return;
     }
@@ -272,13 +265,11 @@ static void on_headers(th_req *req, const char *method, const char *url)
             return;
         }
     }
-    const char *clen = th__req_header(req, MHD_HTTP_HEADER_CONTENT_LENGTH);
-    bool has_body = req->has_body;
-    if (has_body && req->route->body_limit == 0) {
-        early_error(req, 415, "this endpoint takes no request body");
+    if (req->has_body && req->route->body_limit == 0) {
+        early_error(req, 400, "this endpoint takes no request body");
         return;
     }
-    if (req->route->content_types && has_body &&
+    if (req->route->content_types && req->has_body &&
         !media_type_ok(th__req_header(req, MHD_HTTP_HEADER_CONTENT_TYPE),
                        req->route->content_types)) {
         early_error(req, 415, "unsupported Content-Type");
@@ -544,8 +535,11 @@ int th_server_start(const th_server_config *config, th_server **out, char *errbu
         th_server_stop(srv);
         return rc;
     }
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
-                     MHD_USE_ERROR_LOG;
+    /* poll() by default: with epoll, libmicrohttpd 0.9.75 lost the readiness of hundreds of
+     * connections when ~1000 of them closed and opened at once (both workers asleep in
+     * epoll_wait while 512 requests waited; reproduced with bench/ingest, and gone with poll). */
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_ALLOW_SUSPEND_RESUME |
+                     MHD_USE_ERROR_LOG | (config->use_epoll ? MHD_USE_EPOLL : MHD_USE_POLL);
     if (ss.ss_family == AF_INET6) {
         flags |= MHD_USE_IPv6;
     }
