@@ -23,55 +23,9 @@
 #include "trialhub/ctx.h"
 #include "trialhub/wg.h"
 
-#if defined(__SANITIZE_THREAD__)
-#define TEST_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define TEST_TSAN 1
-#endif
-#endif
-#ifndef TEST_TSAN
-#define TEST_TSAN 0
-#endif
-
-/* Item counts are divided by 4 under TSan. */
-#define SCALED(n) (TEST_TSAN ? (n) / 4 : (n))
-
-#define MS(x) ((uint64_t)(x)*TH_NS_PER_MS)
-/* How late a deadline may fire, and how long a wake-up may take, on a noisy 2-core machine. */
-#define LATE_NS   MS(20)
-#define PROMPT_NS MS(200)
+#include "test_util.h"
 
 /* ---- helpers ----------------------------------------------------------------------------- */
-
-static atomic_int thread_failures;
-
-#define T_CHECK(cond)                                                                       \
-    do {                                                                                    \
-        if (!(cond)) {                                                                      \
-            atomic_fetch_add(&thread_failures, 1);                                          \
-            fprintf(stderr, "%s:%d: thread check failed: %s\n", __FILE__, __LINE__, #cond); \
-        }                                                                                   \
-    } while (0)
-
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
-    }
-}
-
-static pthread_t spawn(void *(*fn)(void *), void *arg)
-{
-    pthread_t t;
-    assert_int_equal(pthread_create(&t, NULL, fn, arg), 0);
-    return t;
-}
-
-static void join(pthread_t t)
-{
-    assert_int_equal(pthread_join(t, NULL), 0);
-}
 
 static th_chan *new_chan(size_t cap)
 {
