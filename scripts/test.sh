@@ -24,9 +24,10 @@ for cfg in $configs; do
     *) echo "test.sh: unknown configuration $cfg" >&2; exit 2 ;;
     esac
     echo "=== $cfg: configure and build ($dir) ==="
+    mkdir -p "$dir"
     if ! cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTH_SANITIZE="$sanitize" \
-        -DTH_WERROR=ON >"$dir.configure.log" 2>&1; then
-        cat "$dir.configure.log"
+        -DTH_WERROR=ON >"$dir/configure.log" 2>&1; then
+        cat "$dir/configure.log"
         failed_configs+=("$cfg(configure)")
         continue
     fi

@@ -83,6 +83,20 @@ static int wait_thread_count(int expected)
     return nthreads;
 }
 
+/* The thread count once it has stopped moving: a detached worker of an earlier test that has
+ * finished its task may still be on its way out when the next test takes its baseline. */
+static int settled_thread_count(void)
+{
+    int last = count_threads(), same = 0;
+    for (int i = 0; i < 200 && same < 5; i++) {
+        sleep_ns(10 * TH_NS_PER_MS);
+        int now = count_threads();
+        same = now == last ? same + 1 : 0;
+        last = now;
+    }
+    return last;
+}
+
 /* A one-shot gate that tasks wait on until the test opens it. */
 typedef struct latch {
     pthread_mutex_t mu;
@@ -412,7 +426,7 @@ static void test_create_reports_config(void **state)
         size_t asked;
         size_t want;
     } caps[] = {{1, 2}, {2, 2}, {3, 4}, {5, 8}, {8, 8}, {1000, 1024}};
-    int base = count_threads();
+    int base = settled_thread_count();
     for (size_t i = 0; i < sizeof(caps) / sizeof(caps[0]); i++) {
         unsigned nthreads = (unsigned)(i % 3) + 1;
         const char *name = i % 2 ? NULL : "a-pool-name-much-longer-than-fifteen-bytes";
@@ -866,7 +880,7 @@ static void assert_concurrency(th_pool *pool, long n)
 static void test_resize_grow_shrink_grow(void **state)
 {
     (void)state;
-    int base = count_threads();
+    int base = settled_thread_count();
     th_pool *pool = make_pool("resize", 2, 64);
     th_pool_stats stats;
     assert_int_equal(wait_thread_count(base + 2), base + 2);
@@ -954,7 +968,7 @@ static void test_resize_rejects_bad_sizes(void **state)
 static void test_resize_thread_failure_keeps_started_workers(void **state)
 {
     (void)state;
-    int base = count_threads();
+    int base = settled_thread_count();
     th_pool *pool = make_pool("resizefail", 2, 16);
     assert_int_equal(wait_thread_count(base + 2), base + 2);
 
@@ -1015,7 +1029,7 @@ static void test_shutdown_drains_queue(void **state)
      * enough of them however late the shutdown thread gets going. */
     enum { NWORKERS = 2, CAP = 128, NQUEUED = 40, NPROBES = CAP - NQUEUED };
     enum { NRECS = NWORKERS + NQUEUED + NPROBES + 1 };
-    int base = count_threads();
+    int base = settled_thread_count();
     fixture *fx = fixture_new(NRECS);
     fixture_setup(fx, 0, NWORKERS, true);
     fixture_setup(fx, NWORKERS, NRECS - NWORKERS, false);
@@ -1096,7 +1110,7 @@ static void test_shutdown_drains_queue(void **state)
 static void check_shutdown_deadline(bool destroy_while_stuck)
 {
     enum { NWORKERS = 2, NQUEUED = 10, NRECS = NWORKERS + NQUEUED + 1 };
-    int base = count_threads();
+    int base = settled_thread_count();
     fixture *fx = fixture_new(NRECS);
     fixture_setup(fx, 0, NWORKERS, true);
     fixture_setup(fx, NWORKERS, NRECS - NWORKERS, false);
@@ -1168,7 +1182,7 @@ static void test_shutdown_deadline_destroy_while_task_stuck(void **state)
 static void test_shutdown_with_done_ctx(void **state)
 {
     (void)state;
-    int base = count_threads();
+    int base = settled_thread_count();
     th_ctx *ctx = NULL;
     assert_int_equal(th_ctx_with_cancel(th_ctx_background(), &ctx), 0);
     th_ctx_cancel(ctx);
@@ -1200,7 +1214,7 @@ static void test_shutdown_deadline_races_with_workers(void **state)
 {
     (void)state;
     enum { NTASKS = 64, ROUNDS = 20 };
-    int base = count_threads();
+    int base = settled_thread_count();
     size_t total_ran = 0, total_canceled = 0;
     for (int round = 0; round < ROUNDS; round++) {
         fixture *fx = fixture_new(NTASKS);
@@ -1261,7 +1275,7 @@ static void test_destroy_drains_queue(void **state)
 {
     (void)state;
     enum { NQUEUED = 30 };
-    int base = count_threads();
+    int base = settled_thread_count();
     fixture *fx = fixture_new(NQUEUED);
     fixture_setup(fx, 0, NQUEUED, false);
     th_pool *pool = make_pool("destroy", 1, 32);
@@ -1288,7 +1302,7 @@ static void test_create_under_injected_failures(void **state)
     (void)state;
     enum { NTHREADS = 3 };
     th_pool_config config = {.name = "oom", .nthreads = NTHREADS, .queue_capacity = 8};
-    int base = count_threads();
+    int base = settled_thread_count();
     bool saw_nomem = false, saw_sys = false;
     long n;
     th_pool *pool = SENTINEL_POOL;
