@@ -52,6 +52,11 @@ for cfg in $configs; do
     fi
 done
 
+# Static analysis over src/ with the plain build's compile database.
+if [ -f build/compile_commands.json ] && ! make --no-print-directory lint BUILD=build; then
+    failed_configs+=(lint)
+fi
+
 if [ ${#failed_configs[@]} -ne 0 ]; then
     echo "test.sh: failed: ${failed_configs[*]}"
     echo "tests: $total_pass passed, $((total_fail > 0 ? total_fail : 1)) failed"

@@ -186,15 +186,15 @@ static int migrate(sqlite3 *db, char *errbuf, size_t errlen)
                  have, want);
         return TH_EIO;
     }
-    for (long v = have + 1; v <= want; v++) {
+    for (long i = have; i < want; i++) {
+        long v = i + 1; /* version numbers start at 1 */
         char record[128];
         snprintf(record, sizeof(record),
-                 "INSERT INTO schema_migrations VALUES(%ld, CAST((julianday('now') - 2440587.5) * "
-                 "86400000 AS "
-                 "INTEGER))",
+                 "INSERT INTO schema_migrations VALUES(%ld,"
+                 " CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER))",
                  v);
         if (sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK ||
-            sqlite3_exec(db, migrations[v - 1], NULL, NULL, NULL) != SQLITE_OK ||
+            sqlite3_exec(db, migrations[i], NULL, NULL, NULL) != SQLITE_OK ||
             sqlite3_exec(db, record, NULL, NULL, NULL) != SQLITE_OK ||
             sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
             int rc = set_err(errbuf, errlen, "migration failed", db);
