@@ -362,12 +362,17 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
         return queue_response(req);
     }
     if (*upload_data_size > 0) {
+        if (req->phase == TH_PH_SENT) {
+            *upload_data_size = 0; /* answered already; the connection closes after it */
+            return MHD_YES;
+        }
         if (req->early_error) {
             /* Over the limit mid-stream (a chunked body): drop the rest and answer 413 at the
              * end, but cut a client off that keeps sending far past the limit. */
+            size_t limit = req->route ? req->route->body_limit : 0;
             req->discarded += *upload_data_size;
             *upload_data_size = 0;
-            return req->discarded > 2 * req->route->body_limit + 65536 ? MHD_NO : MHD_YES;
+            return req->discarded > 2 * limit + 65536 ? MHD_NO : MHD_YES;
         }
         th_buf_append(&req->body, upload_data, *upload_data_size);
         *upload_data_size = 0;

@@ -30,6 +30,15 @@ class Http(ServerTest):
         self.assertEqual(r.status, 404)
         self.assertEqual(r.json()["resourceType"], "OperationOutcome")
 
+    def test_body_to_unknown_route_or_bodiless_route(self):
+        r = self.server.request("POST", "/v1/nothing", body=b'{"a":1}' * 1000,
+                                headers={"Content-Type": "application/json"}, key=self.admin)
+        self.assertEqual(r.status, 404)
+        r = self.server.request("DELETE", "/v1/keys/x", body=b"junk",
+                                headers={"Content-Type": "text/plain"}, key=self.admin)
+        self.assertEqual(r.status, 400)
+        self.assertEqual(self.server.request("GET", "/healthz").status, 200)
+
     def test_wrong_method_is_405_with_allow(self):
         r = self.server.request("DELETE", "/fhir/QuestionnaireResponse", key=self.admin)
         self.assertEqual(r.status, 405)
