@@ -279,16 +279,18 @@ static void weight_from_cs(const th_qreg *reg, th__option *opt)
     }
 }
 
-static size_t count_concepts(const json_t *concepts, int depth)
+/* Counts the entries of a nested array (CodeSystem.concept by "concept", a ValueSet expansion
+ * by "contains"), to size the flattened copy before filling it. */
+static size_t count_nested(const json_t *entries, const char *child_key, int depth)
 {
     size_t n = 0, i;
     json_t *c;
     if (depth > MAX_ITEM_DEPTH) {
         return 0;
     }
-    json_array_foreach(concepts, i, c)
+    json_array_foreach(entries, i, c)
     {
-        n += 1 + count_concepts(json_object_get(c, "concept"), depth + 1);
+        n += 1 + count_nested(json_object_get(c, child_key), child_key, depth + 1);
     }
     return n;
 }
@@ -385,7 +387,7 @@ static int add_codesystem(loader *ld, json_t *doc)
     }
     cs_entry cs = {.json = doc, .url = url, .version = version, .value_set = jstr(doc, "valueSet")};
     json_t *concepts = json_object_get(doc, "concept");
-    size_t total = count_concepts(concepts, 0);
+    size_t total = count_nested(concepts, "concept", 0);
     cs.concepts = arena_alloc(&reg->arena, (total + 1) * sizeof(th__option));
     if (cs.concepts == NULL) {
         return TH_ENOMEM;
@@ -434,20 +436,6 @@ static int vs_expansion(loader *ld, const json_t *contains, int depth, th__optio
     return TH_OK;
 }
 
-static size_t count_expansion(const json_t *contains, int depth)
-{
-    size_t n = 0, i;
-    json_t *c;
-    if (depth > MAX_ITEM_DEPTH) {
-        return 0;
-    }
-    json_array_foreach(contains, i, c)
-    {
-        n += 1 + count_expansion(json_object_get(c, "contains"), depth + 1);
-    }
-    return n;
-}
-
 /* Compiles a ValueSet (loaded or contained) into the list of codes an answer may use: its
  * expansion when it has one, else compose.include (listed concepts; a whole CodeSystem when it
  * is loaded; "any code of the system" when it is not). Filters are not evaluated: an include
@@ -457,7 +445,7 @@ static int compile_valueset(loader *ld, const json_t *vs, const char *what, th__
 {
     th_qreg *reg = ld->reg;
     json_t *expansion = json_object_get(json_object_get(vs, "expansion"), "contains");
-    size_t cap = count_expansion(expansion, 0);
+    size_t cap = count_nested(expansion, "contains", 0);
     th__option *opts;
     size_t n = 0;
     if (cap > 0) {

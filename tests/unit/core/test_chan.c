@@ -53,21 +53,6 @@ static uintptr_t val(void *p)
     return (uintptr_t)p;
 }
 
-static int setup_reset(void **state)
-{
-    (void)state;
-    atomic_store(&thread_failures, 0);
-    return 0;
-}
-
-static int teardown_check(void **state)
-{
-    (void)state;
-    th__fault_fail_after(-1);
-    assert_int_equal(atomic_load(&thread_failures), 0);
-    return 0;
-}
-
 static char sentinel_byte;
 #define SENTINEL ((void *)&sentinel_byte)
 

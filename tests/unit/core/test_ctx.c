@@ -112,21 +112,6 @@ static void arm(th_ctx *ctx, th_ctx_hook *hook, hook_rec *rec)
     assert_int_equal(th_ctx_after_func(ctx, hook, rec_hook, rec), 0);
 }
 
-static int setup_reset_failures(void **state)
-{
-    (void)state;
-    atomic_store(&thread_failures, 0);
-    return 0;
-}
-
-static int teardown_check_failures(void **state)
-{
-    (void)state;
-    th__fault_fail_after(-1);
-    assert_int_equal(atomic_load(&thread_failures), 0);
-    return 0;
-}
-
 /* ---- allocation failure (these run first, before anything has started the timer thread, so
  * that the thread start and the first heap allocation are among the injected failures) ------- */
 
@@ -1681,7 +1666,7 @@ static void test_stress_tree(void **state)
     th_ctx_release(s.root);
 }
 
-#define T(fn) cmocka_unit_test_setup_teardown(fn, setup_reset_failures, teardown_check_failures)
+#define T(fn) cmocka_unit_test_setup_teardown(fn, setup_reset, teardown_check)
 
 int main(void)
 {

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <time.h>
 
+#include "trialhub/alloc.h"
 #include "trialhub/clock.h"
 
 #if defined(__SANITIZE_THREAD__)
@@ -44,6 +45,22 @@ static atomic_int thread_failures;
             fprintf(stderr, "%s:%d: thread check failed: %s\n", __FILE__, __LINE__, #cond); \
         }                                                                                   \
     } while (0)
+
+/* cmocka setup/teardown: no injected fault left armed, no failed thread check. */
+static inline int setup_reset(void **state)
+{
+    (void)state;
+    atomic_store(&thread_failures, 0);
+    return 0;
+}
+
+static inline int teardown_check(void **state)
+{
+    (void)state;
+    th__fault_fail_after(-1);
+    assert_int_equal(atomic_load(&thread_failures), 0);
+    return 0;
+}
 
 static inline void sleep_ms(long ms)
 {

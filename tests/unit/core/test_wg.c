@@ -33,21 +33,6 @@ static th_wg *new_wg(void)
     return wg;
 }
 
-static int setup_reset(void **state)
-{
-    (void)state;
-    atomic_store(&thread_failures, 0);
-    return 0;
-}
-
-static int teardown_check(void **state)
-{
-    (void)state;
-    th__fault_fail_after(-1);
-    assert_int_equal(atomic_load(&thread_failures), 0);
-    return 0;
-}
-
 static char sentinel_byte;
 #define SENTINEL ((th_wg *)(void *)&sentinel_byte)
 
