@@ -11,6 +11,7 @@
 
 #include "trialhub/auth.h"
 #include "trialhub/error.h"
+#include "trialhub/events.h"
 #include "trialhub/metrics.h"
 #include "trialhub/pool.h"
 #include "trialhub/roster.h"
@@ -20,6 +21,7 @@
 typedef struct th_server th_server;
 typedef struct th_qreg th_qreg;
 typedef struct th_scoring th_scoring;
+typedef struct th_progress th_progress;
 
 typedef struct th_server_config {
     const char *listen;         /* "host:port"; port 0 picks a free one (th_server_port()) */
@@ -38,6 +40,8 @@ typedef struct th_server_config {
     th_keyring *keyring;
     th_qreg *qreg;
     th_scoring *scoring;
+    th_events *events;     /* live events for GET /v1/events */
+    th_progress *progress; /* GET /v1/trials/{id}/progress */
 } th_server_config;
 
 /* Starts listening and serving. Returns 0, TH_EINVAL (bad listen address), TH_ESYS (cannot

@@ -13,6 +13,7 @@
 #include "cmd/cmd.h"
 #include "trialhub/auth.h"
 #include "trialhub/clock.h"
+#include "trialhub/events.h"
 #include "trialhub/fhir.h"
 #include "trialhub/log.h"
 #include "trialhub/metrics.h"
@@ -262,6 +263,7 @@ int th_cmd_serve(int argc, char **argv)
     }
     th_store *store = th_cmd_open_store(o.database);
     th_metrics *metrics = NULL;
+    th_events *events = NULL;
     th_writer *writer = NULL;
     th_pool *pool = NULL;
     th_roster *roster = NULL;
@@ -274,6 +276,8 @@ int th_cmd_serve(int argc, char **argv)
     th_pool_config pcfg = {"scoring", o.pool_threads, o.pool_queue};
     if ((rc = th_metrics_create(&metrics)) != 0) {
         failed = "metrics";
+    } else if ((rc = th_events_create(metrics, &events)) != 0) {
+        failed = "events";
     } else if ((rc = th_writer_create(store, &wcfg, metrics, &writer)) != 0) {
         failed = "writer";
     } else if ((rc = th_pool_create(&pcfg, &pool)) != 0) {
@@ -308,6 +312,7 @@ int th_cmd_serve(int argc, char **argv)
             .keyring = keyring,
             .qreg = qreg,
             .scoring = scoring,
+            .events = events,
         };
         rc = th_server_start(&cfg, &server, err, sizeof(err));
         if (rc != 0) {
@@ -371,6 +376,7 @@ int th_cmd_serve(int argc, char **argv)
     th_keyring_destroy(keyring);
     th_roster_destroy(roster);
     th_store_close(store);
+    th_events_destroy(events);
     th_metrics_destroy(metrics);
     th_qreg_destroy(qreg);
     if (failed == NULL) {
