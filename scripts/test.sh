@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs the whole test suite in three configurations: plain (RelWithDebInfo),
 # ASan+UBSan, and TSan. Any failing test or sanitizer report fails the run. Ends with one line
-# "tests: N passed, N failed" over all three. TH_TEST_CONFIGS limits the set (e.g. "plain").
+# "tests: N passed, N failed, N skipped" over all three. TH_TEST_CONFIGS limits the set (e.g. "plain").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +9,7 @@ jobs=$(nproc 2>/dev/null || echo 2)
 configs=${TH_TEST_CONFIGS:-"plain asan tsan"}
 total_pass=0
 total_fail=0
+total_skip=0
 failed_configs=()
 
 # The format gate runs first: it is cheap and a diff is a failure like any other.
@@ -45,8 +46,11 @@ for cfg in $configs; do
     fi
     nfail=$(sed -E 's/.* ([0-9]+) tests? failed out of ([0-9]+).*/\1/' <<<"$summary")
     ntotal=$(sed -E 's/.* ([0-9]+) tests? failed out of ([0-9]+).*/\2/' <<<"$summary")
-    total_pass=$((total_pass + ntotal - nfail))
+    # A skipped test (exit 77: e.g. no Chromium) is neither a pass nor a failure.
+    nskip=$(grep -cE '\*\*\*Skipped' "$log" || true)
+    total_pass=$((total_pass + ntotal - nfail - nskip))
     total_fail=$((total_fail + nfail))
+    total_skip=$((total_skip + nskip))
     if [ "$nfail" -ne 0 ]; then
         failed_configs+=("$cfg")
     fi
@@ -59,7 +63,7 @@ fi
 
 if [ ${#failed_configs[@]} -ne 0 ]; then
     echo "test.sh: failed: ${failed_configs[*]}"
-    echo "tests: $total_pass passed, $((total_fail > 0 ? total_fail : 1)) failed"
+    echo "tests: $total_pass passed, $((total_fail > 0 ? total_fail : 1)) failed, $total_skip skipped"
     exit 1
 fi
-echo "tests: $total_pass passed, $total_fail failed"
+echo "tests: $total_pass passed, $total_fail failed, $total_skip skipped"

@@ -60,8 +60,8 @@ void th_events_unsubscribe(th_events *events, th_event_sink_fn fn, void *arg);
  * it; fields_json is NULL or more members of the JSON object, already JSON, without braces
  * (`"resource":"QuestionnaireResponse/12","n":3`). Never blocks; with no sink, or out of memory,
  * the event is dropped. events may be NULL (no-op). Thread-safe. */
-void th_events_publish(th_events *events, const char *topic, const char *type,
-                       const char *trial_id, const char *site_id, const char *fields_json);
+void th_events_publish(th_events *events, const char *topic, const char *type, const char *trial_id,
+                       const char *site_id, const char *fields_json);
 
 /* Whether any sink is registered (skip building fields nobody will read). Thread-safe. */
 bool th_events_active(th_events *events);

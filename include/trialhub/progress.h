@@ -42,6 +42,7 @@ typedef struct th_progress_note {
     int64_t score_seq; /* scores: the store's score sequence (th_qr_score.seq) */
     const char *trial_id;
     const char *site_id;
+    const char *patient_id;
     const char *instrument;
     int visit_week; /* -1: unknown */
     int64_t received_ms;

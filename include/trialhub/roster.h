@@ -7,6 +7,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "trialhub/error.h"
 #include "trialhub/snapshot.h"
@@ -50,6 +51,15 @@ const th_roster_patient *th_roster_patient_find(const th_roster_view *view, cons
 const th_roster_trial *th_roster_trial_find(const th_roster_view *view, const char *id);
 bool th_roster_site_exists(const th_roster_view *view, const char *trial_id, const char *site_id);
 size_t th_roster_trial_count(const th_roster_view *view);
+
+/* Days since 1970-01-01 of a "YYYY-MM-DD" date (proleptic Gregorian); 0 if malformed. */
+int64_t th_roster_date_days(const char *date);
+
+/* The visit a response belongs to when it does not say: the scheduled week of trial nearest to
+ * authored_s (Unix seconds) counted from the patient's enrolled_on date (the earlier one on a
+ * tie). Returns -1 when the trial has no schedule. */
+int th_roster_nearest_week(const th_roster_trial *trial, const char *enrolled_on,
+                           int64_t authored_s);
 const th_roster_trial *th_roster_trial_at(const th_roster_view *view, size_t i);
 
 #endif

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "trialhub/error.h"
+#include "trialhub/events.h"
 #include "trialhub/fhir.h"
 #include "trialhub/metrics.h"
 #include "trialhub/pool.h"
@@ -15,6 +16,7 @@
 #include "trialhub/writer.h"
 
 typedef struct th_scoring th_scoring;
+typedef struct th_progress th_progress;
 
 typedef struct th_scoring_config {
     th_pool *pool;
@@ -23,7 +25,19 @@ typedef struct th_scoring_config {
     const th_qreg *qreg;
     th_metrics *metrics;        /* may be NULL */
     unsigned sweep_interval_ms; /* how often to look for pending rows after a rejection */
+    th_progress *progress;      /* may be NULL: told of every committed score */
+    th_events *events;          /* may be NULL: alert.raised events */
 } th_scoring_config;
+
+/* A stored response to score: its id and where it belongs. Strings are copied. */
+typedef struct th_scoring_item {
+    int64_t qr_id;
+    const char *trial_id;
+    const char *site_id;
+    const char *patient_id;
+    const char *instrument;
+    int visit_week; /* -1: unknown */
+} th_scoring_item;
 
 /* Creates the service and starts its sweeper thread, which first re-queues every response left
  * pending by an earlier run. Returns 0, TH_EINVAL, TH_ENOMEM or TH_ESYS. */
@@ -32,7 +46,7 @@ TH_MUST_CHECK int th_scoring_create(const th_scoring_config *config, th_scoring 
 /* Hands a committed response to the pool for scoring. Takes ownership of qr (parsed against the
  * registry the service uses) in every case. Never blocks; if the pool is full the row stays
  * pending and the sweeper will score it. Thread-safe. */
-void th_scoring_submit(th_scoring *scoring, int64_t qr_id, th_qr *qr);
+void th_scoring_submit(th_scoring *scoring, const th_scoring_item *item, th_qr *qr);
 
 typedef struct th_scoring_stats {
     uint64_t scored;   /* score rows committed */

@@ -40,8 +40,18 @@ typedef struct th_server_config {
     th_keyring *keyring;
     th_qreg *qreg;
     th_scoring *scoring;
-    th_events *events;     /* live events for GET /v1/events */
-    th_progress *progress; /* GET /v1/trials/{id}/progress */
+    th_events *events;             /* live events for GET /v1/events; NULL: only system.stats */
+    th_progress *progress;         /* GET /v1/trials/{id}/progress */
+    struct th_reports *reports;    /* interim reports; stopped before the server */
+    unsigned report_max_timeout_s; /* largest timeout= a report may ask; 0: 120 */
+    /* GET /v1/events (WebSocket) and its tickets; 0 means the default */
+    unsigned ws_max_connections;   /* open WebSockets; beyond: 503 before upgrading; 1024 */
+    unsigned ws_send_queue;        /* messages waiting per WebSocket before it is closed; 256 */
+    size_t ws_send_queue_bytes;    /* bytes waiting per WebSocket before it is closed; 1 MiB */
+    unsigned ws_ping_interval_ms;  /* ping every; silent for two intervals: dropped; 20000 */
+    unsigned ws_stats_interval_ms; /* system.stats every; 1000 */
+    unsigned ws_ticket_ttl_s;      /* a ticket's lifetime; 30 */
+    unsigned ws_max_tickets;       /* tickets outstanding; beyond: 503; 4096 */
 } th_server_config;
 
 /* Starts listening and serving. Returns 0, TH_EINVAL (bad listen address), TH_ESYS (cannot

@@ -9,6 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "trialhub/ctx.h"
 #include "trialhub/error.h"
 
 typedef struct th_store th_store;
@@ -98,19 +99,50 @@ typedef struct th_qr_stored {
     bool alert;
     int version;
     int64_t received_ms;
+    int visit_week; /* -1: unknown */
     void *body;
     size_t body_len;
 } th_qr_stored;
 
 /* The result of scoring, written back by the writer. */
 typedef struct th_qr_score {
+    /* in */
     int64_t id;
     bool has_score;
     double score;
     bool score_is_int;
     const char *band; /* NULL when the instrument has none */
     bool alert;
+    /* out */
+    int64_t seq; /* the score's place in commit order (1, 2, ...), for the progress cache */
 } th_qr_score;
+
+/* One group of stored responses, as the progress rebuild reads them: every response of one
+ * patient for one instrument and visit week (-1: unknown). Strings live during the callback. */
+typedef struct th_progress_cell {
+    const char *trial_id;
+    const char *site_id;
+    const char *patient_id;
+    const char *instrument;
+    int visit_week;
+    int64_t count;  /* responses */
+    int64_t today;  /* of which received since today_start_ms */
+    int64_t scored; /* of which have a numeric score */
+    double score_sum;
+} th_progress_cell;
+
+/* What th_store_progress_load() reads, in one consistent read transaction. */
+typedef struct th_progress_load {
+    /* in */
+    int64_t today_start_ms;
+    int (*cell)(void *arg, const th_progress_cell *cell);
+    /* open safety alerts of one site */
+    int (*alerts)(void *arg, const char *trial_id, const char *site_id, int64_t open);
+    void *arg;
+    /* out: the store's change sequence the load covers */
+    int64_t max_qr_id;
+    int64_t max_score_seq;
+} th_progress_load;
 
 /* Opens the store at url: `sqlite:///abs/path.db`, `sqlite://./rel/path.db` or `sqlite::memory:`
  * (tests). Creates the file and its folder if missing, verifies WAL and synchronous=FULL, and
@@ -148,8 +180,9 @@ TH_MUST_CHECK int th_store_key_revoke(th_store *store, const char *key_id, int64
 /* Inserts row unless its identifier is already stored: fills row->id and row->duplicate or
  * row->conflict (then nothing is written). */
 TH_MUST_CHECK int th_store_qr_insert(th_store *store, th_qr_row *row);
-/* Stores a score (and an alert row when score->alert). TH_ENOTFOUND if no such response. */
-TH_MUST_CHECK int th_store_qr_set_score(th_store *store, const th_qr_score *score, int64_t now_ms);
+/* Stores a score (and an alert row when score->alert) and fills score->seq. TH_ENOTFOUND if no
+ * such response is pending (none, or scored already: a response is scored once). */
+TH_MUST_CHECK int th_store_qr_set_score(th_store *store, th_qr_score *score, int64_t now_ms);
 
 /* ---- reads: any thread, each on a connection of its own from a small internal pool. */
 
@@ -173,6 +206,35 @@ void th_qr_stored_free(th_qr_stored *qr);
  * id > after_id and received before received_before_ms. Returns 0, TH_EIO or fn's code. */
 TH_MUST_CHECK int th_store_qr_pending(th_store *store, int64_t after_id, int64_t received_before_ms,
                                       int limit, int (*fn)(void *arg, int64_t id), void *arg);
+
+/* Reads the aggregates the progress cache is rebuilt from, calling load->cell and load->alerts
+ * per group, and fills the change sequence they cover, all in one read transaction. Returns 0,
+ * TH_EIO, or a callback's non-zero code. */
+TH_MUST_CHECK int th_store_progress_load(th_store *store, th_progress_load *load);
+
+/* Calls fn for each patient of trial_id (in id order), stopping when ctx ends like
+ * th_store_report_scan(). Returns 0, th_ctx_err(ctx), TH_EIO, or fn's non-zero code. */
+TH_MUST_CHECK int th_store_trial_patients_each(th_ctx *ctx, th_store *store, const char *trial_id,
+                                               int (*fn)(void *arg, const th_patient *p),
+                                               void *arg);
+
+/* One stored response as an interim report reads it. Strings live during the callback. */
+typedef struct th_report_row {
+    int64_t id;
+    const char *patient_id;
+    const char *site_id;
+    const char *instrument;
+    int visit_week; /* -1: unknown */
+    bool has_score;
+    double score;
+    bool alert;
+} th_report_row;
+
+/* Streams every response of trial_id in id (arrival) order, calling fn per row. The query is
+ * interrupted when ctx ends (checked every few thousand SQLite instructions), so it stops within
+ * a millisecond or so. Returns 0, th_ctx_err(ctx), TH_EIO, or fn's non-zero code. Thread-safe. */
+TH_MUST_CHECK int th_store_report_scan(th_ctx *ctx, th_store *store, const char *trial_id,
+                                       int (*fn)(void *arg, const th_report_row *row), void *arg);
 
 /* Counts the stored responses (tests, readiness). */
 TH_MUST_CHECK int th_store_qr_count(th_store *store, int64_t *count);

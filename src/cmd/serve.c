@@ -18,6 +18,8 @@
 #include "trialhub/log.h"
 #include "trialhub/metrics.h"
 #include "trialhub/pool.h"
+#include "trialhub/progress.h"
+#include "trialhub/reports.h"
 #include "trialhub/roster.h"
 #include "trialhub/scoring.h"
 #include "trialhub/server.h"
@@ -50,6 +52,30 @@ static void usage(FILE *out)
           "committing, default 0\n"
           "  --pool-threads N          [TRIALHUB_POOL_THREADS] scoring workers, default 2\n"
           "  --pool-queue N            [TRIALHUB_POOL_QUEUE] scoring tasks waiting, default 8192\n"
+          "  --progress-publish-ms N   [TRIALHUB_PROGRESS_PUBLISH_MS] how often the progress "
+          "cache publishes changes, default 250\n"
+          "  --progress-rebuild-s N    [TRIALHUB_PROGRESS_REBUILD_S] full rebuild of progress "
+          "from the store, default 60\n"
+          "  --ws-max-connections N    [TRIALHUB_WS_MAX_CONNECTIONS] open WebSockets (GET "
+          "/v1/events) before 503, default 1024\n"
+          "  --ws-send-queue N         [TRIALHUB_WS_SEND_QUEUE] messages waiting per WebSocket "
+          "before it is closed as too slow, default 256\n"
+          "  --ws-send-queue-bytes N   [TRIALHUB_WS_SEND_QUEUE_BYTES] the same in bytes, default "
+          "1048576\n"
+          "  --ws-ping-interval-ms N   [TRIALHUB_WS_PING_INTERVAL_MS] WebSocket ping interval; "
+          "silent for two: dropped, default 20000\n"
+          "  --ws-stats-interval-ms N  [TRIALHUB_WS_STATS_INTERVAL_MS] system.stats interval, "
+          "default 1000\n"
+          "  --ws-ticket-ttl-s N       [TRIALHUB_WS_TICKET_TTL_S] lifetime of a WebSocket ticket, "
+          "default 30\n"
+          "  --ws-max-tickets N        [TRIALHUB_WS_MAX_TICKETS] tickets outstanding before 503, "
+          "default 4096\n"
+          "  --report-threads N        [TRIALHUB_REPORT_THREADS] report computations at once, "
+          "default 2\n"
+          "  --report-queue N          [TRIALHUB_REPORT_QUEUE] reports waiting for a thread "
+          "before 503, default 8\n"
+          "  --report-max-timeout S    [TRIALHUB_REPORT_MAX_TIMEOUT] largest timeout= a report "
+          "may ask, default 120\n"
           "  --workers N               [TRIALHUB_WORKERS] embedded analysis workers (image "
           "analysis issue; accepted, unused yet)\n"
           "  --log-level LEVEL         [TRIALHUB_LOG_LEVEL] debug, info, warn, error\n",
@@ -72,6 +98,18 @@ typedef struct serve_opts {
     unsigned writer_wait_us;
     unsigned pool_threads;
     unsigned pool_queue;
+    unsigned ws_max_conns;
+    unsigned ws_send_queue;
+    unsigned ws_send_queue_bytes;
+    unsigned ws_ping_ms;
+    unsigned ws_stats_ms;
+    unsigned ws_ticket_ttl_s;
+    unsigned ws_max_tickets;
+    unsigned progress_publish_ms;
+    unsigned progress_rebuild_s;
+    unsigned report_threads;
+    unsigned report_queue;
+    unsigned report_max_timeout_s;
 } serve_opts;
 
 static unsigned env_number(const char *name, unsigned fallback, unsigned long min,
@@ -97,6 +135,18 @@ static int parse(int argc, char **argv, serve_opts *o)
     o->writer_wait_us = env_number("TRIALHUB_WRITER_WAIT_US", 0, 0, 1000000);
     o->pool_threads = env_number("TRIALHUB_POOL_THREADS", 2, 1, TH_POOL_MAX_THREADS);
     o->pool_queue = env_number("TRIALHUB_POOL_QUEUE", 8192, 1, 1u << 24);
+    o->progress_publish_ms = env_number("TRIALHUB_PROGRESS_PUBLISH_MS", 250, 10, 60000);
+    o->progress_rebuild_s = env_number("TRIALHUB_PROGRESS_REBUILD_S", 60, 1, 86400);
+    o->report_threads = env_number("TRIALHUB_REPORT_THREADS", 2, 1, 64);
+    o->report_queue = env_number("TRIALHUB_REPORT_QUEUE", 8, 1, 4096);
+    o->report_max_timeout_s = env_number("TRIALHUB_REPORT_MAX_TIMEOUT", 120, 1, 3600);
+    o->ws_max_conns = env_number("TRIALHUB_WS_MAX_CONNECTIONS", 1024, 1, 1000000);
+    o->ws_send_queue = env_number("TRIALHUB_WS_SEND_QUEUE", 256, 1, 1000000);
+    o->ws_send_queue_bytes = env_number("TRIALHUB_WS_SEND_QUEUE_BYTES", 1u << 20, 1024, 1u << 30);
+    o->ws_ping_ms = env_number("TRIALHUB_WS_PING_INTERVAL_MS", 20000, 10, 3600000);
+    o->ws_stats_ms = env_number("TRIALHUB_WS_STATS_INTERVAL_MS", 1000, 1, 3600000);
+    o->ws_ticket_ttl_s = env_number("TRIALHUB_WS_TICKET_TTL_S", 30, 1, 3600);
+    o->ws_max_tickets = env_number("TRIALHUB_WS_MAX_TICKETS", 4096, 1, 1000000);
     (void)env_number("TRIALHUB_WORKERS", 0, 0, 1024);
     for (int i = 1; i < argc; i++) {
         const char *v;
@@ -133,6 +183,31 @@ static int parse(int argc, char **argv, serve_opts *o)
             o->pool_threads = (unsigned)th_cmd_number("--pool-threads", v, 1, TH_POOL_MAX_THREADS);
         } else if ((v = th_cmd_flag(argc, argv, &i, "pool-queue"))) {
             o->pool_queue = (unsigned)th_cmd_number("--pool-queue", v, 1, 1u << 24);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "progress-publish-ms"))) {
+            o->progress_publish_ms = (unsigned)th_cmd_number("--progress-publish-ms", v, 10, 60000);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "progress-rebuild-s"))) {
+            o->progress_rebuild_s = (unsigned)th_cmd_number("--progress-rebuild-s", v, 1, 86400);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "ws-max-connections"))) {
+            o->ws_max_conns = (unsigned)th_cmd_number("--ws-max-connections", v, 1, 1000000);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "ws-send-queue-bytes"))) {
+            o->ws_send_queue_bytes =
+                (unsigned)th_cmd_number("--ws-send-queue-bytes", v, 1024, 1u << 30);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "ws-send-queue"))) {
+            o->ws_send_queue = (unsigned)th_cmd_number("--ws-send-queue", v, 1, 1000000);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "ws-ping-interval-ms"))) {
+            o->ws_ping_ms = (unsigned)th_cmd_number("--ws-ping-interval-ms", v, 10, 3600000);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "ws-stats-interval-ms"))) {
+            o->ws_stats_ms = (unsigned)th_cmd_number("--ws-stats-interval-ms", v, 1, 3600000);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "ws-ticket-ttl-s"))) {
+            o->ws_ticket_ttl_s = (unsigned)th_cmd_number("--ws-ticket-ttl-s", v, 1, 3600);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "ws-max-tickets"))) {
+            o->ws_max_tickets = (unsigned)th_cmd_number("--ws-max-tickets", v, 1, 1000000);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "report-threads"))) {
+            o->report_threads = (unsigned)th_cmd_number("--report-threads", v, 1, 64);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "report-queue"))) {
+            o->report_queue = (unsigned)th_cmd_number("--report-queue", v, 1, 4096);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "report-max-timeout"))) {
+            o->report_max_timeout_s = (unsigned)th_cmd_number("--report-max-timeout", v, 1, 3600);
         } else if ((v = th_cmd_flag(argc, argv, &i, "workers"))) {
             (void)th_cmd_number("--workers", v, 0, 1024);
         } else if ((v = th_cmd_flag(argc, argv, &i, "log-level"))) {
@@ -269,6 +344,8 @@ int th_cmd_serve(int argc, char **argv)
     th_roster *roster = NULL;
     th_keyring *keyring = NULL;
     th_scoring *scoring = NULL;
+    th_progress *progress = NULL;
+    th_reports *reports = NULL;
     th_server *server = NULL;
     const char *failed = NULL;
 
@@ -289,9 +366,28 @@ int th_cmd_serve(int argc, char **argv)
     } else if (o.demo && (rc = seed_demo(writer, roster, keyring, o.listen)) != 0) {
         failed = "demo seed";
     } else {
-        th_scoring_config scfg = {pool, writer, store, qreg, metrics, 1000};
-        if ((rc = th_scoring_create(&scfg, &scoring)) != 0) {
-            failed = "scoring";
+        th_progress_config pcfg_progress = {
+            .store = store,
+            .roster = roster,
+            .events = events,
+            .metrics = metrics,
+            .publish_interval_ms = o.progress_publish_ms,
+            .rebuild_interval_s = o.progress_rebuild_s,
+        };
+        th_scoring_config scfg = {pool, writer, store, qreg, metrics, 1000, NULL, events};
+        th_reports_config rcfg = {.store = store,
+                                  .metrics = metrics,
+                                  .threads = o.report_threads,
+                                  .queue = o.report_queue};
+        if ((rc = th_progress_create(&pcfg_progress, &progress)) != 0) {
+            failed = "progress";
+        } else if ((rc = th_reports_create(&rcfg, &reports)) != 0) {
+            failed = "reports";
+        } else {
+            scfg.progress = progress;
+            if ((rc = th_scoring_create(&scfg, &scoring)) != 0) {
+                failed = "scoring";
+            }
         }
     }
     char err[256] = "";
@@ -313,6 +409,16 @@ int th_cmd_serve(int argc, char **argv)
             .qreg = qreg,
             .scoring = scoring,
             .events = events,
+            .progress = progress,
+            .reports = reports,
+            .report_max_timeout_s = o.report_max_timeout_s,
+            .ws_max_connections = o.ws_max_conns,
+            .ws_send_queue = o.ws_send_queue,
+            .ws_send_queue_bytes = o.ws_send_queue_bytes,
+            .ws_ping_interval_ms = o.ws_ping_ms,
+            .ws_stats_interval_ms = o.ws_stats_ms,
+            .ws_ticket_ttl_s = o.ws_ticket_ttl_s,
+            .ws_max_tickets = o.ws_max_tickets,
         };
         rc = th_server_start(&cfg, &server, err, sizeof(err));
         if (rc != 0) {
@@ -354,6 +460,8 @@ int th_cmd_serve(int argc, char **argv)
 
     /* Shutdown order: requests in flight finish (their commits complete as the writer drains),
      * scoring drains on the pool, the writer commits what is queued, then everything stops. */
+    /* Reports in flight are cancelled and answered (503) before the server stops. */
+    th_reports_destroy(reports);
     if (scoring) {
         th_scoring_stop(scoring);
     }
@@ -373,6 +481,7 @@ int th_cmd_serve(int argc, char **argv)
     th_scoring_destroy(scoring);
     th_pool_destroy(pool);
     th_writer_destroy(writer);
+    th_progress_destroy(progress); /* after the writer: its completions send notes */
     th_keyring_destroy(keyring);
     th_roster_destroy(roster);
     th_store_close(store);

@@ -20,24 +20,40 @@ int th__api_create(th_server *srv, const th_server_config *cfg, th_api **out,
     }
     api->srv = srv;
     api->cfg = cfg;
-    size_t n = th__health_nroutes + th__admin_nroutes + th__fhir_nroutes;
+    static const struct {
+        const th_route *routes;
+        const size_t *nroutes;
+    } areas[] = {
+        {th__health_routes, &th__health_nroutes},     {th__admin_routes, &th__admin_nroutes},
+        {th__fhir_routes, &th__fhir_nroutes},         {th__events_routes, &th__events_nroutes},
+        {th__progress_routes, &th__progress_nroutes}, {th__report_routes, &th__report_nroutes},
+        {th__web_routes, &th__web_nroutes},
+    };
+    size_t n = 0;
+    for (size_t i = 0; i < sizeof(areas) / sizeof(areas[0]); i++) {
+        n += *areas[i].nroutes;
+    }
     api->routes = th_calloc(n, sizeof(th_route));
     if (api->routes == NULL) {
         th_free(api);
         return TH_ENOMEM;
     }
-    memcpy(api->routes, th__health_routes, th__health_nroutes * sizeof(th_route));
-    memcpy(api->routes + th__health_nroutes, th__admin_routes,
-           th__admin_nroutes * sizeof(th_route));
-    memcpy(api->routes + th__health_nroutes + th__admin_nroutes, th__fhir_routes,
-           th__fhir_nroutes * sizeof(th_route));
-    api->nroutes = n;
+    for (size_t i = 0; i < sizeof(areas) / sizeof(areas[0]); i++) {
+        memcpy(api->routes + api->nroutes, areas[i].routes, *areas[i].nroutes * sizeof(th_route));
+        api->nroutes += *areas[i].nroutes;
+    }
     static const char *const outcome[] = {"outcome"};
     int rc = th_metrics_counter(cfg->metrics, "trialhub_submissions_total",
                                 "QuestionnaireResponse submissions by outcome.", 1, outcome,
                                 &api->m_submissions);
     if (rc == 0) {
         rc = th__health_register_metrics(api);
+    }
+    if (rc == 0) {
+        rc = th__hangup_create(&api->hangup);
+    }
+    if (rc == 0) {
+        rc = th__events_api_create(api);
     }
     if (rc != 0) {
         th__api_destroy(api);
@@ -49,11 +65,21 @@ int th__api_create(th_server *srv, const th_server_config *cfg, th_api **out,
     return 0;
 }
 
+void th__api_stop(th_api *api)
+{
+    if (api != NULL) {
+        th__events_api_stop(api);
+    }
+}
+
 void th__api_destroy(th_api *api)
 {
     if (api == NULL) {
         return;
     }
+    th__events_api_stop(api);
+    th__events_api_destroy(api);
+    th__hangup_destroy(api->hangup);
     th_free(api->routes);
     th_free(api);
 }

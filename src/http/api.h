@@ -1,5 +1,5 @@
 /* The API's route table and the state its handlers share (counters, borrowed services). One
- * file per area: api_health.c, api_admin.c, api_fhir.c. */
+ * file per area: api_health.c, api_admin.c, api_fhir.c, api_events.c, api_web.c. */
 #ifndef TRIALHUB_HTTP_API_H
 #define TRIALHUB_HTTP_API_H
 
@@ -9,16 +9,24 @@
 #include "trialhub/metrics.h"
 #include "trialhub/server.h"
 
+struct th__ws_hub;
+struct th__ws_tickets;
+
 typedef struct th_api {
     th_server *srv;
     const th_server_config *cfg;
     th_metric *m_submissions; /* outcome = accepted|duplicate|conflict|rejected|overloaded */
     th_route *routes;
     size_t nroutes;
+    struct th__ws_hub *ws;          /* GET /v1/events: the WebSocket hub (websocket.c) */
+    struct th__ws_tickets *tickets; /* POST /v1/events/ticket (api_events.c) */
+    th_hangup *hangup;              /* watches suspended report requests for clients that leave */
 } th_api;
 
 int th__api_create(th_server *srv, const th_server_config *cfg, th_api **out,
                    const th_route **routes, size_t *nroutes);
+/* Ends what must end before libmicrohttpd stops: every WebSocket is closed. NULL is a no-op. */
+void th__api_stop(th_api *api);
 void th__api_destroy(th_api *api);
 
 /* The api of a request. */
@@ -33,6 +41,21 @@ extern const th_route th__admin_routes[];
 extern const size_t th__admin_nroutes;
 extern const th_route th__fhir_routes[];
 extern const size_t th__fhir_nroutes;
+extern const th_route th__events_routes[];
+extern const size_t th__events_nroutes;
+
+/* The live-events area (api_events.c): the ticket store and the WebSocket hub. create returns
+ * 0, TH_ENOMEM, TH_ESYS or a metrics error; stop closes every WebSocket and joins the hub's
+ * thread (idempotent); destroy frees, after stop and after libmicrohttpd stopped. */
+int th__events_api_create(th_api *api);
+void th__events_api_stop(th_api *api);
+void th__events_api_destroy(th_api *api);
+extern const th_route th__progress_routes[];
+extern const size_t th__progress_nroutes;
+extern const th_route th__report_routes[];
+extern const size_t th__report_nroutes;
+extern const th_route th__web_routes[];
+extern const size_t th__web_nroutes;
 
 /* Metrics collectors for the pool and the writer (api_health.c). */
 int th__health_register_metrics(th_api *api);

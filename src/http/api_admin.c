@@ -7,6 +7,7 @@
 #include <time.h>
 
 #include "http/api.h"
+#include "trialhub/progress.h"
 #include "trialhub/alloc.h"
 #include "trialhub/auth.h"
 #include "trialhub/clock.h"
@@ -177,6 +178,7 @@ static int trial_apply(th_store *store, th_api_write *w)
 
 static void roster_reload(th_req *req)
 {
+    th_progress_note_roster(th__api_of(req)->cfg->progress);
     if (th_roster_reload(th__api_of(req)->cfg->roster) != 0) {
         TH_LOG(TH_LOG_ERROR, "roster reload failed after a commit",
                TH_LOG_STR("request_id", req->req_id));
@@ -259,6 +261,40 @@ static void trials_post(th_req *req)
     a->w.apply = trial_apply;
     a->w.done = trial_done;
     th__api_write(req, &a->w);
+}
+
+/* Lists the trials the key may see: all of them for admin keys, the key's own trial for
+ * investigator and site keys (what the dashboard offers to pick from); patient keys get 403. */
+static void trials_get(th_req *req)
+{
+    const th_key *key = &req->key;
+    if (key->role == TH_ROLE_PATIENT) {
+        th__resp_error(req, 403, "this key may not list trials");
+        return;
+    }
+    json_t *list = json_array();
+    th_snapshot_guard g;
+    const th_roster_view *view = th_roster_acquire(th__api_of(req)->cfg->roster, &g);
+    bool ok = list != NULL && view != NULL;
+    size_t ntrials = view ? th_roster_trial_count(view) : 0;
+    for (size_t i = 0; ok && i < ntrials; i++) {
+        const th_roster_trial *t = th_roster_trial_at(view, i);
+        if (key->role != TH_ROLE_ADMIN && strcmp(t->id, key->trial_id) != 0) {
+            continue;
+        }
+        json_t *arms = json_loads(t->arms_json, 0, NULL);
+        json_t *weeks = json_loads(t->schedule_json, 0, NULL);
+        json_t *o = json_pack("{s:s,s:s,s:o*,s:o*}", "id", t->id, "name", t->name, "arms", arms,
+                              "schedule_weeks", weeks);
+        ok = o != NULL && json_array_append_new(list, o) == 0;
+    }
+    th_snapshot_release(&g);
+    if (!ok) {
+        json_decref(list);
+        th__resp_error(req, 503, "out of memory");
+        return;
+    }
+    th__api_json(req, 200, json_pack("{s:o}", "trials", list));
 }
 
 /* ---- sites -------------------------------------------------------------------------------- */
@@ -563,6 +599,7 @@ static void keys_delete(th_req *req)
 static const char *const json_types[] = {"application/json", NULL};
 
 const th_route th__admin_routes[] = {
+    {.method = "GET", .pattern = "/v1/trials", .handler = trials_get, .auth = TH_AUTH_ANY},
     {.method = "POST",
      .pattern = "/v1/trials",
      .handler = trials_post,

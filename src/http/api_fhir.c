@@ -12,6 +12,7 @@
 #include "trialhub/alloc.h"
 #include "trialhub/clock.h"
 #include "trialhub/fhir.h"
+#include "trialhub/progress.h"
 #include "trialhub/scoring.h"
 
 #define PROCESSING_URL "https://trialhub.dev/fhir/StructureDefinition/processing"
@@ -70,6 +71,7 @@ typedef struct qr_post_state {
     th_qr_row row;
     char trial_id[TH_ID_MAX + 1];
     char site_id[TH_ID_MAX + 1];
+    int visit_week;     /* as sent, or the nearest scheduled week */
     char *ident_system; /* from If-None-Exist, when the resource has none */
     char *ident_value;
     bool want_body;
@@ -87,6 +89,46 @@ static void qr_post_free(void *arg)
 static int qr_post_apply(th_store *store, th_write_job *job)
 {
     return th_store_qr_insert(store, &((qr_post_state *)job)->row);
+}
+
+/* After the commit, on the writer thread: the progress cache and the live events hear of a new
+ * response (ids, instrument and visit only; never an answer). */
+static void announce(th_api *api, const qr_post_state *st)
+{
+    th_progress_note note = {
+        .qr_id = st->row.id,
+        .trial_id = st->trial_id,
+        .site_id = st->site_id,
+        .patient_id = st->row.patient_id,
+        .instrument = st->row.instrument,
+        .visit_week = st->visit_week,
+        .received_ms = st->row.received_ms,
+    };
+    th_progress_note_submission(api->cfg->progress, &note);
+    th_events *events = api->cfg->events;
+    if (!th_events_active(events)) {
+        return;
+    }
+    char fields[512], topic[TH_ID_MAX + 8];
+    th_buf b;
+    th_buf_init_with(&b, fields, sizeof(fields), 0);
+    th_buf_printf(&b,
+                  "\"resource\":\"QuestionnaireResponse/%lld\",\"trial\":", (long long)st->row.id);
+    th_buf_json_str(&b, st->trial_id);
+    th_buf_puts(&b, ",\"site\":");
+    th_buf_json_str(&b, st->site_id);
+    th_buf_puts(&b, ",\"patient\":");
+    th_buf_json_str(&b, st->row.patient_id);
+    th_buf_puts(&b, ",\"instrument\":");
+    th_buf_json_str(&b, st->row.instrument);
+    if (st->visit_week >= 0) {
+        th_buf_printf(&b, ",\"visit_week\":%d", st->visit_week);
+    }
+    if (!th_buf_failed(&b)) {
+        snprintf(topic, sizeof(topic), "trial:%s", st->trial_id);
+        th_events_publish(events, topic, "submission.accepted", st->trial_id, st->site_id, b.data);
+    }
+    th_buf_free(&b);
 }
 
 static void qr_post_done(th_write_job *job, int status)
@@ -116,9 +158,12 @@ static void qr_post_done(th_write_job *job, int status)
             th__resp_static(req, code, "application/fhir+json", "");
         }
         if (!st->row.duplicate) {
+            announce(th__api_of(req), st);
+            th_scoring_item item = {st->row.id,         st->trial_id,       st->site_id,
+                                    st->row.patient_id, st->row.instrument, st->visit_week};
             th_qr *qr = st->qr;
             st->qr = NULL; /* the scoring task owns it now */
-            th_scoring_submit(th__api_of(req)->cfg->scoring, st->row.id, qr);
+            th_scoring_submit(th__api_of(req)->cfg->scoring, &item, qr);
         }
     }
     th__req_resume(req);
@@ -220,6 +265,14 @@ static void qr_post(th_req *req)
     }
     const th_roster_patient *patient =
         f->patient_id ? th_roster_patient_find(view, f->patient_id) : NULL;
+    st->visit_week = f->visit_week;
+    if (patient && st->visit_week < 0 && f->authored) {
+        const th_roster_trial *trial = th_roster_trial_find(view, patient->trial_id);
+        if (trial) {
+            st->visit_week =
+                th_roster_nearest_week(trial, patient->enrolled_on, f->authored_unix_s);
+        }
+    }
     unsigned denied = 0;
     if (req->key.role == TH_ROLE_PATIENT && f->patient_id &&
         strcmp(f->patient_id, req->key.patient_id) != 0) {
@@ -277,7 +330,7 @@ static void qr_post(th_req *req)
     row->status = f->status == TH_QR_STATUS_AMENDED ? "amended" : "completed";
     row->authored = f->authored;
     row->authored_s = f->authored_unix_s;
-    row->visit_week = f->visit_week;
+    row->visit_week = st->visit_week;
     row->body = req->body.data;
     row->body_len = req->body.len;
     SHA256((const unsigned char *)req->body.data, req->body.len, row->body_sha256);

@@ -17,6 +17,21 @@
 typedef struct th_req th_req;
 typedef struct th_route th_route;
 
+/* Called on the libmicrohttpd thread once a 101 answer is on the wire (th__req_upgrade()): the
+ * socket is now the callee's, to be closed only with MHD_upgrade_action(urh,
+ * MHD_UPGRADE_ACTION_CLOSE). extra_in holds bytes the client sent after its request; they are
+ * valid only during the call. req is still valid during the call. */
+typedef void (*th_upgrade_fn)(th_req *req, const char *extra_in, size_t extra_in_size,
+                              MHD_socket sock, struct MHD_UpgradeResponseHandle *urh);
+
+/* A response header with a value made per request (WebSocket handshake, 426 answers). */
+typedef struct th_resp_header {
+    const char *name; /* a string literal */
+    char value[64];
+} th_resp_header;
+
+#define TH_RESP_MAX_DYN_HEADERS 4
+
 /* What a handler answers. Body is owned (th_malloc) unless body_static. */
 typedef struct th_resp {
     unsigned status;
@@ -25,10 +40,14 @@ typedef struct th_resp {
     size_t body_len;
     bool body_static;
     char location[96];
-    char etag[32];
+    char etag[40];
     unsigned retry_after_s; /* 0: no header */
     char allow[64];
     const char *cache_control;
+    const char *const *headers; /* more headers: static name, value pairs, NULL-terminated */
+    th_resp_header dyn_headers[TH_RESP_MAX_DYN_HEADERS]; /* th__resp_header() */
+    unsigned ndyn_headers;
+    th_upgrade_fn upgrade; /* set by th__req_upgrade(): answer 101 and hand the socket over */
 } th_resp;
 
 #define TH_ROUTE_MAX_PARAMS 3
@@ -37,6 +56,8 @@ typedef enum th_auth_need {
     TH_AUTH_NONE = 0, /* public: health, metrics, metadata */
     TH_AUTH_ANY,      /* any valid key; the handler checks the scope */
     TH_AUTH_ADMIN,    /* admin keys only */
+    TH_AUTH_OPTIONAL, /* a key if one is sent (401 if invalid); without one the handler decides
+                       * (GET /v1/events takes a single-use ticket instead) */
 } th_auth_need;
 
 typedef void (*th_handler_fn)(th_req *req);
@@ -113,6 +134,30 @@ unsigned th__status_for(int err);
 void th__req_suspend(th_req *req);
 /* From any thread, once req->resp is set: resumes a suspended request. */
 void th__req_resume(th_req *req);
+
+/* Adds a response header whose value is made per request (name a string literal, value at most
+ * 63 bytes, copied). Returns 0, or TH_EINVAL when the value does not fit or
+ * TH_RESP_MAX_DYN_HEADERS are set. */
+int th__resp_header(th_req *req, const char *name, const char *value);
+
+/* From the handler: answers 101 Switching Protocols with the headers added by th__resp_header()
+ * (the caller adds Upgrade and the protocol's own), and calls fn with the socket once the answer
+ * is sent. If the client goes away first, fn is never called. The connection is exempt from
+ * the reaper from now on: the callee owns its liveness. */
+void th__req_upgrade(th_req *req, th_upgrade_fn fn);
+
+/* ---- hang-up watcher (hangup.c): notices clients that close while their request waits */
+
+typedef struct th_hangup th_hangup;
+int th__hangup_create(th_hangup **out);
+void th__hangup_destroy(th_hangup *hangup);
+/* Calls fn(arg) once, on the watcher thread under its lock, when the peer of fd hangs up. The
+ * caller must unwatch before the descriptor can be closed (before resuming the request).
+ * Returns 0 with *handle set, TH_EOVERLOAD (too many watched) or TH_ESYS. */
+int th__hangup_watch(th_hangup *hangup, int fd, void (*fn)(void *arg), void *arg, uint64_t *handle);
+/* Stops watching; when it returns fn is not running and will not run. Returns whether the
+ * watch was still armed (false: fn has run). */
+bool th__hangup_unwatch(th_hangup *hangup, uint64_t handle);
 
 /* Returns the request header value or NULL. */
 const char *th__req_header(th_req *req, const char *name);

@@ -6,7 +6,10 @@
  * libmicrohttpd 0.9.75 adds `Connection: close` to an answer queued on the first call), then
  * once per body chunk, then once with no data, where the handler runs. A handler that needs the
  * writer suspends the connection; the writer's completion fills the response and resumes it,
- * and the next call queues the answer.
+ * and the next call queues the answer. A handler may also answer 101 and take the socket over
+ * (th__req_upgrade(), GET /v1/events): libmicrohttpd calls the completion only when that
+ * socket is closed, the reaper leaves it alone, and th_server_stop() has the API close every
+ * upgraded connection before the daemon stops, as libmicrohttpd requires.
  *
  * libmicrohttpd's own timeout counts inactivity, so a client that trickles one header byte
  * every few seconds would never be dropped. The reaper thread therefore gives every connection
@@ -254,7 +257,9 @@ static void on_headers(th_req *req, const char *method, const char *url)
         }
         return;
     }
-    if (req->route->auth != TH_AUTH_NONE) {
+    if (req->route->auth != TH_AUTH_NONE &&
+        (req->route->auth != TH_AUTH_OPTIONAL ||
+         th__req_header(req, MHD_HTTP_HEADER_AUTHORIZATION) != NULL)) {
         unsigned status = authenticate(req);
         if (status == 401) {
             early_error(req, 401, "a valid API key is required (Authorization: Bearer <key>)");
@@ -282,11 +287,43 @@ static void on_headers(th_req *req, const char *method, const char *url)
     th_buf_init(&req->body, req->route->body_limit);
 }
 
+int th__resp_header(th_req *req, const char *name, const char *value)
+{
+    th_resp *r = &req->resp;
+    if (r->ndyn_headers == TH_RESP_MAX_DYN_HEADERS ||
+        strlen(value) >= sizeof(r->dyn_headers[0].value)) {
+        return TH_EINVAL;
+    }
+    r->dyn_headers[r->ndyn_headers].name = name;
+    snprintf(r->dyn_headers[r->ndyn_headers].value, sizeof(r->dyn_headers[0].value), "%s", value);
+    r->ndyn_headers++;
+    return 0;
+}
+
+void th__req_upgrade(th_req *req, th_upgrade_fn fn)
+{
+    th__resp_static(req, 101, NULL, "");
+    req->resp.upgrade = fn;
+}
+
+/* libmicrohttpd's upgrade callback: the 101 is sent; hand the socket to the handler's fn. */
+static void on_upgrade(void *cls, struct MHD_Connection *conn, void *con_cls, const char *extra_in,
+                       size_t extra_in_size, MHD_socket sock, struct MHD_UpgradeResponseHandle *urh)
+{
+    (void)cls;
+    (void)conn;
+    th_req *req = con_cls;
+    req->resp.upgrade(req, extra_in, extra_in_size, sock, urh);
+}
+
 static enum MHD_Result queue_response(th_req *req)
 {
     th_resp *r = &req->resp;
     struct MHD_Response *resp;
-    if (r->body_static) {
+    if (r->upgrade) {
+        resp = MHD_create_response_for_upgrade(on_upgrade, NULL);
+        conn_deadline(req, 0); /* from now on the upgraded protocol keeps the connection alive */
+    } else if (r->body_static) {
         resp = MHD_create_response_from_buffer(r->body_len, r->body, MHD_RESPMEM_PERSISTENT);
     } else {
         resp = MHD_create_response_from_buffer_with_free_callback(r->body_len, r->body, th_free);
@@ -315,6 +352,12 @@ static enum MHD_Result queue_response(th_req *req)
     }
     if (r->status == 401) {
         MHD_add_response_header(resp, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
+    }
+    for (unsigned i = 0; i < r->ndyn_headers; i++) {
+        MHD_add_response_header(resp, r->dyn_headers[i].name, r->dyn_headers[i].value);
+    }
+    for (const char *const *h = r->headers; h && h[0] && h[1]; h += 2) {
+        MHD_add_response_header(resp, h[0], h[1]);
     }
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL,
                             r->cache_control ? r->cache_control : "no-store");
@@ -417,7 +460,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
            TH_LOG_STR("request_id", req->req_id),
            TH_LOG_STR("key_id", req->authed ? req->key.id : NULL),
            TH_LOG_STR("end", toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "ok" : "aborted"));
-    if (req->tconn) {
+    if (req->tconn && req->resp.upgrade == NULL) {
         atomic_store(&req->tconn->deadline_ns,
                      th_clock_after_ns((uint64_t)srv->cfg.idle_timeout_s * TH_NS_PER_S));
     }
@@ -544,7 +587,8 @@ int th_server_start(const th_server_config *config, th_server **out, char *errbu
      * connections when ~1000 of them closed and opened at once (both workers asleep in
      * epoll_wait while 512 requests waited; reproduced with bench/ingest, and gone with poll). */
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_ALLOW_SUSPEND_RESUME |
-                     MHD_USE_ERROR_LOG | (config->use_epoll ? MHD_USE_EPOLL : MHD_USE_POLL);
+                     MHD_ALLOW_UPGRADE | MHD_USE_ERROR_LOG |
+                     (config->use_epoll ? MHD_USE_EPOLL : MHD_USE_POLL);
     if (ss.ss_family == AF_INET6) {
         flags |= MHD_USE_IPv6;
     }
@@ -608,6 +652,8 @@ void th_server_stop(th_server *srv)
         pthread_mutex_unlock(&srv->conns_mu);
         pthread_join(srv->reaper, NULL);
     }
+    /* Upgraded connections (WebSockets) must be closed before the daemon stops. */
+    th__api_stop(srv->api);
     if (srv->daemon) {
         MHD_stop_daemon(srv->daemon);
     }

@@ -42,8 +42,11 @@ static const char *const write_sql[ST_COUNT] = {
         " ON CONFLICT(identifier_system, identifier_value) DO NOTHING",
     [ST_QR_BY_IDENT] = "SELECT id, body_sha256 FROM questionnaire_responses"
                        " WHERE identifier_system = ? AND identifier_value = ?",
+    /* Only a pending row takes a score: a response is scored once, even when the sweeper and
+     * the post-commit task race for it. */
     [ST_QR_SCORE] = "UPDATE questionnaire_responses SET processing = 'scored', score = ?,"
-                    " score_is_int = ?, band = ?, alert = ? WHERE id = ?",
+                    " score_is_int = ?, band = ?, alert = ?, score_seq = ?"
+                    " WHERE id = ? AND processing = 'pending'",
     [ST_ALERT_INSERT] = "INSERT INTO alerts(qr_id, trial_id, site_id, patient_id, kind,"
                         " created_ms) SELECT id, trial_id, site_id, patient_id, 'safety', ?"
                         " FROM questionnaire_responses WHERE id = ?"
@@ -81,6 +84,11 @@ static const char *const migrations[] = {
     "CREATE TABLE alerts(id INTEGER PRIMARY KEY, qr_id INTEGER NOT NULL UNIQUE,"
     "  trial_id TEXT NOT NULL, site_id TEXT NOT NULL, patient_id TEXT NOT NULL,"
     "  kind TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'open', created_ms INTEGER NOT NULL);",
+    /* 2: the order in which scores were committed, so that the progress cache can tell which
+     * scores a rebuild from the store already counted (th_progress_note.score_seq) */
+    "ALTER TABLE questionnaire_responses ADD COLUMN score_seq INTEGER;",
+    /* 3: a trial's patients without reading every trial's (reports) */
+    "CREATE INDEX patients_trial ON patients(trial_id, id);",
 };
 
 typedef struct sqlite_store {
@@ -99,6 +107,7 @@ typedef struct sqlite_store {
     bool ckpt_started;
     pthread_t ckpt_thread;
     sqlite3 *ckpt_db;
+    int64_t last_score_seq; /* writer thread only: the latest score_seq handed out */
 } sqlite_store;
 
 /* WAL frames after which the checkpointer is woken (SQLite's own default is 1000). */
@@ -281,6 +290,14 @@ int th__store_sqlite_open(const char *path, th_store **out, char *errbuf, size_t
         sqlite_ops.close(&s->base);
         return rc;
     }
+    char seq[32];
+    if (pragma_text(s->wdb, "SELECT coalesce(max(score_seq), 0) FROM questionnaire_responses", seq,
+                    sizeof(seq)) != 0) {
+        set_err(errbuf, errlen, "cannot read the score sequence", s->wdb);
+        sqlite_ops.close(&s->base);
+        return TH_EIO;
+    }
+    s->last_score_seq = strtoll(seq, NULL, 10);
     for (int i = 0; i < ST_COUNT; i++) {
         if (sqlite3_prepare_v3(s->wdb, write_sql[i], -1, SQLITE_PREPARE_PERSISTENT, &s->wst[i],
                                NULL) != SQLITE_OK) {
@@ -558,7 +575,7 @@ static int sq_qr_insert(th_store *store, th_qr_row *row)
     return rc == SQLITE_ROW ? 0 : TH_EIO;
 }
 
-static int sq_qr_set_score(th_store *store, const th_qr_score *sc, int64_t now_ms)
+static int sq_qr_set_score(th_store *store, th_qr_score *sc, int64_t now_ms)
 {
     sqlite_store *s = (sqlite_store *)store;
     sqlite3_stmt *st = s->wst[ST_QR_SCORE];
@@ -571,13 +588,19 @@ static int sq_qr_set_score(th_store *store, const th_qr_score *sc, int64_t now_m
     }
     bind_text(st, 3, sc->band);
     sqlite3_bind_int(st, 4, sc->alert);
-    sqlite3_bind_int64(st, 5, sc->id);
+    /* Single writer thread: sequence numbers are handed out in commit order. One lost to a
+     * rolled-back batch leaves a gap, which is harmless. */
+    int64_t seq = s->last_score_seq + 1;
+    sqlite3_bind_int64(st, 5, seq);
+    sqlite3_bind_int64(st, 6, sc->id);
     if (step_done(st) != 0) {
         return TH_EIO;
     }
     if (sqlite3_changes(s->wdb) != 1) {
-        return TH_ENOTFOUND;
+        return TH_ENOTFOUND; /* no such row, or already scored */
     }
+    s->last_score_seq = seq;
+    sc->seq = seq;
     if (sc->alert) {
         st = s->wst[ST_ALERT_INSERT];
         sqlite3_bind_int64(st, 1, now_ms);
@@ -735,6 +758,7 @@ static int qr_row(void *arg, sqlite3_stmt *st)
     q->alert = sqlite3_column_int(st, 9) != 0;
     q->version = sqlite3_column_int(st, 10);
     q->received_ms = sqlite3_column_int64(st, 11);
+    q->visit_week = sqlite3_column_type(st, 13) == SQLITE_NULL ? -1 : sqlite3_column_int(st, 13);
     int n = sqlite3_column_bytes(st, 12);
     q->body = th_malloc((size_t)n + 1);
     if (q->body == NULL) {
@@ -751,7 +775,7 @@ static int sq_qr_get(th_store *store, int64_t id, th_qr_stored *out)
     memset(out, 0, sizeof(*out));
     int rc = read_rows((sqlite_store *)store,
                        "SELECT id, trial_id, site_id, patient_id, instrument, processing, score,"
-                       " score_is_int, band, alert, version, received_ms, body"
+                       " score_is_int, band, alert, version, received_ms, body, visit_week"
                        " FROM questionnaire_responses WHERE id = ?",
                        &id, 1, qr_row, out);
     if (rc == 1) {
@@ -794,6 +818,173 @@ static int sq_qr_count(th_store *store, int64_t *count)
                      count_row, count);
 }
 
+/* Steps a prepared read statement to its end, calling fn per row. */
+static int step_rows(sqlite3_stmt *st, row_fn fn, void *arg)
+{
+    int rc = 0, step;
+    while ((step = sqlite3_step(st)) == SQLITE_ROW) {
+        rc = fn(arg, st);
+        if (rc != 0) {
+            break;
+        }
+    }
+    if (rc == 0 && step != SQLITE_DONE) {
+        rc = TH_EIO;
+    }
+    sqlite3_reset(st);
+    return rc;
+}
+
+static int watermark_row(void *arg, sqlite3_stmt *st)
+{
+    th_progress_load *load = arg;
+    load->max_qr_id = sqlite3_column_int64(st, 0);
+    load->max_score_seq = sqlite3_column_int64(st, 1);
+    return 0;
+}
+
+static int cell_row(void *arg, sqlite3_stmt *st)
+{
+    th_progress_load *load = arg;
+    th_progress_cell c = {
+        .trial_id = col_text(st, 0),
+        .site_id = col_text(st, 1),
+        .patient_id = col_text(st, 2),
+        .instrument = col_text(st, 3),
+        .visit_week = sqlite3_column_type(st, 4) == SQLITE_NULL ? -1 : sqlite3_column_int(st, 4),
+        .count = sqlite3_column_int64(st, 5),
+        .today = sqlite3_column_int64(st, 6),
+        .scored = sqlite3_column_int64(st, 7),
+        .score_sum = sqlite3_column_double(st, 8),
+    };
+    return load->cell(load->arg, &c);
+}
+
+static int alert_row(void *arg, sqlite3_stmt *st)
+{
+    th_progress_load *load = arg;
+    return load->alerts(load->arg, col_text(st, 0), col_text(st, 1), sqlite3_column_int64(st, 2));
+}
+
+/* One read transaction, so that the groups and the watermarks describe the same state. */
+static int sq_progress_load(th_store *store, th_progress_load *load)
+{
+    static const char *const sql[3] = {
+        "SELECT coalesce(max(id), 0), coalesce(max(score_seq), 0) FROM questionnaire_responses",
+        "SELECT trial_id, site_id, patient_id, instrument, visit_week, count(*),"
+        " sum(received_ms >= ?1), count(score), total(score) FROM questionnaire_responses"
+        " GROUP BY trial_id, site_id, patient_id, instrument, visit_week",
+        "SELECT trial_id, site_id, count(*) FROM alerts WHERE state = 'open'"
+        " GROUP BY trial_id, site_id",
+    };
+    static const row_fn fns[3] = {watermark_row, cell_row, alert_row};
+    sqlite_store *s = (sqlite_store *)store;
+    sqlite3 *db = read_conn_get(s);
+    if (db == NULL) {
+        return TH_EIO;
+    }
+    int rc = sqlite3_exec(db, "BEGIN", NULL, NULL, NULL) == SQLITE_OK ? 0 : TH_EIO;
+    for (int i = 0; rc == 0 && i < 3; i++) {
+        sqlite3_stmt *st;
+        if (sqlite3_prepare_v3(db, sql[i], -1, SQLITE_PREPARE_PERSISTENT, &st, NULL) != SQLITE_OK) {
+            rc = TH_EIO;
+            break;
+        }
+        if (i == 1) {
+            sqlite3_bind_int64(st, 1, load->today_start_ms);
+        }
+        rc = step_rows(st, fns[i], load);
+        sqlite3_finalize(st);
+    }
+    (void)sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
+    read_conn_put(s, db);
+    return rc;
+}
+
+/* SQLite's progress handler: a non-zero return interrupts the statement (SQLITE_INTERRUPT). */
+static int ctx_interrupt(void *arg)
+{
+    return th_ctx_done(arg);
+}
+
+/* Runs sql (one text parameter) on a pooled read connection, calling fn per row, interrupted
+ * when ctx ends. Returns 0, th_ctx_err(ctx), TH_EIO or fn's code. */
+static int read_rows_ctx(sqlite_store *s, th_ctx *ctx, const char *sql, const char *param,
+                         row_fn fn, void *arg)
+{
+    if (th_ctx_done(ctx)) {
+        return th_ctx_err(ctx);
+    }
+    sqlite3 *db = read_conn_get(s);
+    if (db == NULL) {
+        return TH_EIO;
+    }
+    /* About 0.1 ms of work between checks on this machine. */
+    sqlite3_progress_handler(db, 2000, ctx_interrupt, ctx);
+    sqlite3_stmt *st;
+    int rc = 0;
+    if (sqlite3_prepare_v3(db, sql, -1, SQLITE_PREPARE_PERSISTENT, &st, NULL) != SQLITE_OK) {
+        rc = th_ctx_done(ctx) ? th_ctx_err(ctx) : TH_EIO;
+    } else {
+        sqlite3_bind_text(st, 1, param, -1, SQLITE_STATIC);
+        int step;
+        while ((step = sqlite3_step(st)) == SQLITE_ROW) {
+            rc = fn(arg, st);
+            if (rc != 0) {
+                break;
+            }
+        }
+        if (rc == 0 && step != SQLITE_DONE) {
+            rc = step == SQLITE_INTERRUPT && th_ctx_done(ctx) ? th_ctx_err(ctx) : TH_EIO;
+        }
+        sqlite3_finalize(st);
+    }
+    sqlite3_progress_handler(db, 0, NULL, NULL);
+    read_conn_put(s, db);
+    return rc;
+}
+
+struct report_ctx {
+    int (*fn)(void *, const th_report_row *);
+    void *arg;
+};
+
+static int report_row(void *arg, sqlite3_stmt *st)
+{
+    struct report_ctx *r = arg;
+    th_report_row row = {
+        .id = sqlite3_column_int64(st, 0),
+        .patient_id = col_text(st, 1),
+        .site_id = col_text(st, 2),
+        .instrument = col_text(st, 3),
+        .visit_week = sqlite3_column_type(st, 4) == SQLITE_NULL ? -1 : sqlite3_column_int(st, 4),
+        .has_score = sqlite3_column_type(st, 5) != SQLITE_NULL,
+        .score = sqlite3_column_double(st, 5),
+        .alert = sqlite3_column_int(st, 6) != 0,
+    };
+    return r->fn(r->arg, &row);
+}
+
+static int sq_report_scan(th_ctx *ctx, th_store *store, const char *trial_id,
+                          int (*fn)(void *, const th_report_row *), void *arg)
+{
+    struct report_ctx r = {fn, arg};
+    return read_rows_ctx((sqlite_store *)store, ctx,
+                         "SELECT id, patient_id, site_id, instrument, visit_week, score, alert"
+                         " FROM questionnaire_responses WHERE trial_id = ? ORDER BY id",
+                         trial_id, report_row, &r);
+}
+
+static int sq_trial_patients_each(th_ctx *ctx, th_store *store, const char *trial_id,
+                                  int (*fn)(void *, const th_patient *), void *arg)
+{
+    struct each_ctx e = {.fn.patient = fn, .arg = arg};
+    return read_rows_ctx((sqlite_store *)store, ctx,
+                         "SELECT trial_id, id, site_id, arm, enrolled_on FROM patients"
+                         " WHERE trial_id = ? ORDER BY id",
+                         trial_id, patient_row, &e);
+}
+
 static int sq_ping(th_store *store)
 {
     sqlite_store *s = (sqlite_store *)store;
@@ -821,6 +1012,9 @@ static const th_store_ops sqlite_ops = {
     .key_revoke = sq_key_revoke,
     .qr_insert = sq_qr_insert,
     .qr_set_score = sq_qr_set_score,
+    .progress_load = sq_progress_load,
+    .trial_patients_each = sq_trial_patients_each,
+    .report_scan = sq_report_scan,
     .trials_each = sq_trials_each,
     .sites_each = sq_sites_each,
     .patients_each = sq_patients_each,

@@ -79,7 +79,7 @@ int th_store_qr_insert(th_store *s, th_qr_row *row)
     return s->ops->qr_insert(s, row);
 }
 
-int th_store_qr_set_score(th_store *s, const th_qr_score *score, int64_t now_ms)
+int th_store_qr_set_score(th_store *s, th_qr_score *score, int64_t now_ms)
 {
     return s->ops->qr_set_score(s, score, now_ms);
 }
@@ -122,6 +122,23 @@ int th_store_qr_pending(th_store *s, int64_t after_id, int64_t received_before_m
                         int (*fn)(void *, int64_t), void *arg)
 {
     return s->ops->qr_pending(s, after_id, received_before_ms, limit, fn, arg);
+}
+
+int th_store_progress_load(th_store *s, th_progress_load *load)
+{
+    return s->ops->progress_load(s, load);
+}
+
+int th_store_trial_patients_each(th_ctx *ctx, th_store *s, const char *trial_id,
+                                 int (*fn)(void *, const th_patient *), void *arg)
+{
+    return s->ops->trial_patients_each(ctx, s, trial_id, fn, arg);
+}
+
+int th_store_report_scan(th_ctx *ctx, th_store *s, const char *trial_id,
+                         int (*fn)(void *, const th_report_row *), void *arg)
+{
+    return s->ops->report_scan(ctx, s, trial_id, fn, arg);
 }
 
 int th_store_qr_count(th_store *s, int64_t *count)

@@ -17,7 +17,12 @@ typedef struct th_store_ops {
     int (*key_insert)(th_store *store, const th_key *key);
     int (*key_revoke)(th_store *store, const char *key_id, int64_t revoked_ms);
     int (*qr_insert)(th_store *store, th_qr_row *row);
-    int (*qr_set_score)(th_store *store, const th_qr_score *score, int64_t now_ms);
+    int (*qr_set_score)(th_store *store, th_qr_score *score, int64_t now_ms);
+    int (*progress_load)(th_store *store, th_progress_load *load);
+    int (*trial_patients_each)(th_ctx *ctx, th_store *store, const char *trial_id,
+                               int (*fn)(void *, const th_patient *), void *arg);
+    int (*report_scan)(th_ctx *ctx, th_store *store, const char *trial_id,
+                       int (*fn)(void *, const th_report_row *), void *arg);
     int (*trials_each)(th_store *store, int (*fn)(void *, const th_trial *), void *arg);
     int (*sites_each)(th_store *store, int (*fn)(void *, const th_site *), void *arg);
     int (*patients_each)(th_store *store, int (*fn)(void *, const th_patient *), void *arg);

@@ -35,8 +35,8 @@ int th_events_create(th_metrics *metrics, th_events **out)
     if (metrics) {
         static const char *const labels[] = {"type"};
         int rc = th_metrics_counter(metrics, "trialhub_events_published_total",
-                                    "Live events published to at least one listener, by type.",
-                                    1, labels, &ev->m_published);
+                                    "Live events published to at least one listener, by type.", 1,
+                                    labels, &ev->m_published);
         if (rc != 0) {
             th_free(ev);
             return rc;

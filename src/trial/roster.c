@@ -4,6 +4,7 @@
 #include "trialhub/roster.h"
 
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -279,4 +280,36 @@ size_t th_roster_trial_count(const th_roster_view *v)
 const th_roster_trial *th_roster_trial_at(const th_roster_view *v, size_t i)
 {
     return i < v->ntrials ? &v->trials[i] : NULL;
+}
+
+int64_t th_roster_date_days(const char *date)
+{
+    /* Howard Hinnant's days_from_civil. */
+    int y, mo, d;
+    if (date == NULL || sscanf(date, "%4d-%2d-%2d", &y, &mo, &d) != 3) {
+        return 0;
+    }
+    y -= mo <= 2;
+    int64_t era = (y >= 0 ? y : y - 399) / 400;
+    int64_t yoe = y - era * 400;
+    int64_t doy = (153 * (mo + (mo > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    int64_t doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+int th_roster_nearest_week(const th_roster_trial *trial, const char *enrolled_on,
+                           int64_t authored_s)
+{
+    int64_t since_days = authored_s / 86400 - th_roster_date_days(enrolled_on);
+    int best = -1;
+    int64_t best_gap = INT64_MAX;
+    for (unsigned i = 0; i < trial->nschedule; i++) {
+        int64_t gap = since_days - 7 * (int64_t)trial->schedule_weeks[i];
+        gap = gap < 0 ? -gap : gap;
+        if (gap < best_gap || (gap == best_gap && trial->schedule_weeks[i] < best)) {
+            best_gap = gap;
+            best = trial->schedule_weeks[i];
+        }
+    }
+    return best;
 }

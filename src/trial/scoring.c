@@ -16,6 +16,7 @@
 #include "trialhub/alloc.h"
 #include "trialhub/clock.h"
 #include "trialhub/log.h"
+#include "trialhub/progress.h"
 
 struct th_scoring {
     th_scoring_config cfg;
@@ -37,6 +38,11 @@ typedef struct score_task {
     th_qr *qr;
     th_qr_score score;
     char band[32];
+    char trial_id[TH_ID_MAX + 1];
+    char site_id[TH_ID_MAX + 1];
+    char patient_id[TH_ID_MAX + 1];
+    char instrument[128];
+    int visit_week;
 } score_task;
 
 static void request_sweep(th_scoring *s)
@@ -58,11 +64,52 @@ static int score_apply(th_store *store, th_write_job *job)
     return th_store_qr_set_score(store, &t->score, (int64_t)(th_clock_wall_ns() / TH_NS_PER_MS));
 }
 
+/* After the commit, on the writer thread: the progress cache and the live events hear of it. */
+static void announce(th_scoring *s, const score_task *t)
+{
+    if (s->cfg.progress) {
+        th_progress_note note = {
+            .qr_id = t->score.id,
+            .score_seq = t->score.seq,
+            .trial_id = t->trial_id,
+            .site_id = t->site_id,
+            .instrument = t->instrument,
+            .visit_week = t->visit_week,
+            .has_score = t->score.has_score,
+            .score = t->score.score,
+            .alert = t->score.alert,
+        };
+        th_progress_note_score(s->cfg.progress, &note);
+    }
+    if (t->score.alert && th_events_active(s->cfg.events)) {
+        char fields[384], topic[TH_ID_MAX + 8];
+        th_buf b;
+        th_buf_init_with(&b, fields, sizeof(fields), 0);
+        th_buf_puts(&b, "\"trial\":");
+        th_buf_json_str(&b, t->trial_id);
+        th_buf_puts(&b, ",\"site\":");
+        th_buf_json_str(&b, t->site_id);
+        th_buf_puts(&b, ",\"patient\":");
+        th_buf_json_str(&b, t->patient_id);
+        th_buf_printf(&b, ",\"resource\":\"QuestionnaireResponse/%lld\",\"kind\":\"safety\"",
+                      (long long)t->score.id);
+        if (!th_buf_failed(&b)) {
+            snprintf(topic, sizeof(topic), "trial:%s", t->trial_id);
+            th_events_publish(s->cfg.events, "alerts", "alert.raised", t->trial_id, t->site_id,
+                              b.data);
+            th_events_publish(s->cfg.events, topic, "alert.raised", t->trial_id, t->site_id,
+                              b.data);
+        }
+        th_buf_free(&b);
+    }
+}
+
 static void score_done(th_write_job *job, int status)
 {
     score_task *t = (score_task *)job;
     th_scoring *s = t->svc;
     if (status == 0) {
+        announce(s, t);
         atomic_fetch_add(&s->scored, 1);
         if (t->score.alert) {
             atomic_fetch_add(&s->alerts, 1);
@@ -112,7 +159,7 @@ static void score_run(void *arg, int status)
 
 /* Queues a scoring task; takes qr. With wait, blocks for room until the service stops (the
  * sweeper); without, fails at once when the pool is full. Returns 0 or the pool's error. */
-static int submit_task(th_scoring *s, int64_t qr_id, th_qr *qr, bool wait)
+static int submit_task(th_scoring *s, const th_scoring_item *item, th_qr *qr, bool wait)
 {
     score_task *t = th_calloc(1, sizeof(*t));
     if (t == NULL) {
@@ -121,7 +168,12 @@ static int submit_task(th_scoring *s, int64_t qr_id, th_qr *qr, bool wait)
     }
     t->svc = s;
     t->qr = qr;
-    t->score.id = qr_id;
+    t->score.id = item->qr_id;
+    snprintf(t->trial_id, sizeof(t->trial_id), "%s", item->trial_id ? item->trial_id : "");
+    snprintf(t->site_id, sizeof(t->site_id), "%s", item->site_id ? item->site_id : "");
+    snprintf(t->patient_id, sizeof(t->patient_id), "%s", item->patient_id ? item->patient_id : "");
+    snprintf(t->instrument, sizeof(t->instrument), "%s", item->instrument ? item->instrument : "");
+    t->visit_week = item->visit_week;
     atomic_fetch_add(&s->inflight, 1);
     int rc = wait ? th_pool_submit(s->ctx, s->cfg.pool, score_run, t)
                   : th_pool_try_submit(s->cfg.pool, score_run, t);
@@ -131,9 +183,9 @@ static int submit_task(th_scoring *s, int64_t qr_id, th_qr *qr, bool wait)
     return rc;
 }
 
-void th_scoring_submit(th_scoring *s, int64_t qr_id, th_qr *qr)
+void th_scoring_submit(th_scoring *s, const th_scoring_item *item, th_qr *qr)
 {
-    if (submit_task(s, qr_id, qr, false) != 0) {
+    if (submit_task(s, item, qr, false) != 0) {
         request_sweep(s);
     }
 }
@@ -171,12 +223,15 @@ static void sweep(th_scoring *s, int64_t cutoff_ms)
                 continue;
             }
             th_qr *qr = NULL;
-            int rc = th_qr_parse(s->cfg.qreg, row.body, row.body_len, NULL, &qr, NULL);
-            th_qr_stored_free(&row);
-            if (rc != 0) {
+            if (th_qr_parse(s->cfg.qreg, row.body, row.body_len, NULL, &qr, NULL) != 0) {
+                th_qr_stored_free(&row);
                 continue;
             }
-            if (submit_task(s, b.ids[i], qr, true) != 0) {
+            th_scoring_item item = {b.ids[i],       row.trial_id,   row.site_id,
+                                    row.patient_id, row.instrument, row.visit_week};
+            int rc = submit_task(s, &item, qr, true);
+            th_qr_stored_free(&row);
+            if (rc != 0) {
                 return; /* stopping, or the pool is shut down */
             }
             atomic_fetch_add(&s->swept, 1);

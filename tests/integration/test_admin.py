@@ -33,6 +33,27 @@ class Admin(ServerTest):
         pointers = {e["pointer"] for e in r.json()["errors"]}
         self.assertEqual(pointers, {"/site", "/arm", "/enrolled_on"})
 
+    def test_trials_list_by_scope(self):
+        r = self.server.request("POST", "/v1/trials", {"id": "TL2", "name": "Listed second",
+                                                        "arms": ["X"], "schedule_weeks": [0]},
+                                key=self.admin)
+        self.assertEqual(r.status, 201)
+        r = self.server.request("GET", "/v1/trials", key=self.admin)
+        self.assertEqual(r.status, 200)
+        by_id = {t["id"]: t for t in r.json()["trials"]}
+        self.assertEqual(by_id["T1"], {"id": "T1", "name": "Trial one", "arms": ["A", "B"],
+                                       "schedule_weeks": [0, 2, 4, 8, 12]})
+        self.assertIn("TL2", by_id)
+        for scope in ({"role": "investigator", "trial": "T1"},
+                      {"role": "site", "trial": "T1", "site": "S1"}):
+            r = self.server.request("GET", "/v1/trials",
+                                    key=make_key(self.server, self.admin, **scope))
+            self.assertEqual(r.status, 200)
+            self.assertEqual([t["id"] for t in r.json()["trials"]], ["T1"], scope)
+        patient = make_key(self.server, self.admin, role="patient", trial="T1", patient="P001")
+        self.assertEqual(self.server.request("GET", "/v1/trials", key=patient).status, 403)
+        self.assertEqual(self.server.request("GET", "/v1/trials").status, 401)
+
     def test_malformed_json_is_400(self):
         r = self.server.request("POST", "/v1/trials", body=b'{"id": "T9",,}',
                                 headers={"Content-Type": "application/json"}, key=self.admin)
