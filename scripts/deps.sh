@@ -9,11 +9,11 @@ set -euo pipefail
 # Build and run.
 pkgs_build=(build-essential cmake pkg-config
     libmicrohttpd-dev libwslay-dev libjansson-dev libsqlite3-dev libssl-dev libcairo2-dev
-    fonts-dejavu-core)
+    libcurl4-openssl-dev fonts-dejavu-core)
 # Tests and the sanitizer runs (clang and its runtime give TSan/ASan/libFuzzer; Chromium runs
 # the dashboard test through playwright-core).
 pkgs_test=(libcmocka-dev clang libclang-rt-14-dev curl python3 procps prometheus
-    chromium poppler-utils)
+    chromium poppler-utils dcmtk python3-pydicom python3-numpy)
 # Code-quality targets (make format-check, make lint).
 pkgs_lint=(clang-format cppcheck)
 # Benchmarks only (make bench-*).

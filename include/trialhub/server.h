@@ -40,10 +40,15 @@ typedef struct th_server_config {
     th_keyring *keyring;
     th_qreg *qreg;
     th_scoring *scoring;
-    th_events *events;             /* live events for GET /v1/events; NULL: only system.stats */
-    th_progress *progress;         /* GET /v1/trials/{id}/progress */
-    struct th_reports *reports;    /* interim reports; stopped before the server */
-    unsigned report_max_timeout_s; /* largest timeout= a report may ask; 0: 120 */
+    th_events *events;              /* live events for GET /v1/events; NULL: only system.stats */
+    th_progress *progress;          /* GET /v1/trials/{id}/progress */
+    struct th_reports *reports;     /* interim reports; stopped before the server */
+    struct th_collector *collector; /* multi-site collections; stopped before the server */
+    struct th_queue *queue;         /* the durable task queue (image analyses) */
+    struct th_blob_store *blobs;    /* uploaded images */
+    th_pool *io_pool;               /* fsync and rename of uploads, off the HTTP threads */
+    uint64_t upload_limit;          /* largest image upload; 0: 512 MiB */
+    unsigned report_max_timeout_s;  /* largest timeout= a report may ask; 0: 120 */
     /* GET /v1/events (WebSocket) and its tickets; 0 means the default */
     unsigned ws_max_connections;   /* open WebSockets; beyond: 503 before upgrading; 1024 */
     unsigned ws_send_queue;        /* messages waiting per WebSocket before it is closed; 256 */

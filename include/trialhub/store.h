@@ -26,6 +26,9 @@ typedef struct th_site {
     const char *trial_id;
     const char *id;
     const char *name;
+    const char *fhir_base_url; /* the site's FHIR server for collections; NULL/"" when none */
+    const char *credential;    /* its bearer token: never returned, logged or shown in errors.
+                                * On upsert NULL keeps the stored one, "" removes it. */
 } th_site;
 
 typedef struct th_patient {
@@ -77,6 +80,9 @@ typedef struct th_qr_row {
     size_t body_len;
     unsigned char body_sha256[32];
     int64_t received_ms;
+    const char *source_resource; /* collected from site_id's FHIR server: its resource id there
+                                  * (NULL when posted to us). The same site and resource id, or
+                                  * the same identifier, is a duplicate, never a second row. */
     /* out */
     int64_t id;     /* the new row, or the one already stored */
     bool duplicate; /* same identifier, same content: the stored one is the answer */
@@ -171,6 +177,9 @@ void th_store_rollback(th_store *store);
 TH_MUST_CHECK int th_store_trial_insert(th_store *store, const th_trial *trial);
 /* TH_ENOTFOUND if the trial does not exist, TH_EEXIST if the site does. */
 TH_MUST_CHECK int th_store_site_insert(th_store *store, const th_site *site);
+/* Creates the site or replaces its name and FHIR base URL (and its credential unless NULL).
+ * TH_ENOTFOUND if the trial does not exist. Sets *created. */
+TH_MUST_CHECK int th_store_site_upsert(th_store *store, const th_site *site, bool *created);
 /* TH_ENOTFOUND if the trial or site does not exist, TH_EEXIST if the patient id is taken. */
 TH_MUST_CHECK int th_store_patient_insert(th_store *store, const th_patient *patient);
 /* TH_EEXIST if the id or hash is taken. */
@@ -207,6 +216,16 @@ void th_qr_stored_free(th_qr_stored *qr);
 TH_MUST_CHECK int th_store_qr_pending(th_store *store, int64_t after_id, int64_t received_before_ms,
                                       int limit, int (*fn)(void *arg, int64_t id), void *arg);
 
+/* Sets trial_id's webhook secret (writer thread, in a transaction). TH_ENOTFOUND if no such
+ * trial. */
+TH_MUST_CHECK int th_store_webhook_secret_set(th_store *store, const char *trial_id,
+                                              const char *secret);
+
+/* Reads trial_id's webhook secret into out (at least 128 bytes). Returns 0, TH_ENOTFOUND (no
+ * trial, or no secret yet) or TH_EIO. Thread-safe. */
+TH_MUST_CHECK int th_store_webhook_secret_get(th_store *store, const char *trial_id, char *out,
+                                              size_t len);
+
 /* Reads the aggregates the progress cache is rebuilt from, calling load->cell and load->alerts
  * per group, and fills the change sequence they cover, all in one read transaction. Returns 0,
  * TH_EIO, or a callback's non-zero code. */
@@ -235,6 +254,42 @@ typedef struct th_report_row {
  * a millisecond or so. Returns 0, th_ctx_err(ctx), TH_EIO, or fn's non-zero code. Thread-safe. */
 TH_MUST_CHECK int th_store_report_scan(th_ctx *ctx, th_store *store, const char *trial_id,
                                        int (*fn)(void *arg, const th_report_row *row), void *arg);
+
+/* A search over the stored responses (GET /fhir/QuestionnaireResponse): a row matches when every
+ * filter that is set matches. Pages are keyset pages in id order: rows with after_id < id <=
+ * asof_id, so that rows stored while a client pages are neither in this search nor able to
+ * shift it (a later search finds them), and no row is skipped or repeated. Strings are owned
+ * by the caller. */
+typedef struct th_qr_search {
+    const char *trial_id;      /* NULL: every trial (set it whenever known: it picks the index) */
+    const char *site_id;       /* NULL: every site */
+    const char *patient_id;    /* NULL: every patient */
+    const char *questionnaire; /* NULL: every one; else the canonical exactly as stored */
+    int64_t received_from_ms;  /* received_ms >= this; INT64_MIN: no lower bound */
+    int64_t received_until_ms; /* received_ms < this; INT64_MAX: no upper bound */
+    int64_t after_id;          /* the cursor: rows with id > after_id; 0 on the first page */
+    int64_t asof_id;           /* and id <= asof_id; 0: the largest id when the read starts */
+    size_t limit;              /* rows to pass to fn at most; 0: none (total only) */
+    bool count;                /* count every match with id <= asof_id, whatever after_id */
+} th_qr_search;
+
+/* What th_store_qr_search() found besides the rows. */
+typedef struct th_qr_page {
+    int64_t asof_id; /* the upper bound used: q->asof_id, or the largest id at the read */
+    int64_t total;   /* matches up to asof_id when q->count, else -1 */
+    int64_t last_id; /* the last row passed to fn, 0 when none: the next page's after_id */
+    bool more;       /* further matches after last_id (up to asof_id): there is a next page */
+} th_qr_page;
+
+/* Runs search q in one read transaction, so that the total, the bound and the page agree: calls
+ * fn for each matching row in id order, at most q->limit times, with a row (body included) that
+ * lives only during the call; stops at fn's first non-zero return, which is returned. Fills
+ * *page on success (and leaves it untouched on error). The query is interrupted when ctx ends,
+ * like th_store_report_scan(). Returns 0, th_ctx_err(ctx), TH_EINVAL (limit too large for one
+ * page: more than 100000), TH_EIO, TH_ENOMEM or fn's code. Thread-safe. */
+TH_MUST_CHECK int th_store_qr_search(th_ctx *ctx, th_store *store, const th_qr_search *q,
+                                     int (*fn)(void *arg, const th_qr_stored *row), void *arg,
+                                     th_qr_page *page);
 
 /* Counts the stored responses (tests, readiness). */
 TH_MUST_CHECK int th_store_qr_count(th_store *store, int64_t *count);

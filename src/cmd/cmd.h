@@ -27,5 +27,32 @@ th_store *th_cmd_open_store(const char *url);
 
 int th_cmd_serve(int argc, char **argv);
 int th_cmd_token(int argc, char **argv);
+int th_cmd_analyze(int argc, char **argv);
+int th_cmd_worker(int argc, char **argv);
+
+/* Worker settings shared by `serve` (embedded workers) and `worker` (worker.c). */
+typedef struct th_cmd_worker_opts {
+    unsigned workers; /* analysis threads; 0: none */
+    const char *analyzer;
+    const char *blobs;
+    unsigned lease_s;
+    unsigned task_timeout_s;
+    bool webhook_allow_private;
+} th_cmd_worker_opts;
+
+struct th_queue;
+struct th_blob_store;
+struct th_events;
+struct th_metrics;
+struct th_workers;
+/* Fills o from the environment. */
+void th_cmd_worker_defaults(th_cmd_worker_opts *o);
+/* Takes argv[*i] (and its value) if it is a worker option; returns 1 if it did. */
+int th_cmd_worker_options(int argc, char **argv, int *i, th_cmd_worker_opts *o);
+/* Starts the workers o describes. Returns 0 or an error (printed). */
+int th_cmd_workers_start(const th_cmd_worker_opts *o, th_store *store, struct th_queue *queue,
+                         struct th_blob_store *blobs, struct th_events *events,
+                         struct th_metrics *metrics, unsigned webhook_threads,
+                         struct th_workers **out);
 
 #endif

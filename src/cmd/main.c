@@ -12,6 +12,9 @@ static void usage(FILE *out)
           "commands:\n"
           "  serve      run the API server (see 'trialhub serve --help')\n"
           "  token      create, list and revoke API keys (see 'trialhub token --help')\n"
+          "  worker     image-analysis and webhook workers (see 'trialhub worker --help')\n"
+          "  analyze    analyze one DICOM image: JSON request on stdin, result on stdout\n"
+          "             (run by workers; see 'trialhub analyze --help')\n"
           "  version    print the version\n"
           "\n"
           "environment (flags override):\n"
@@ -93,6 +96,12 @@ int main(int argc, char **argv)
     }
     if (strcmp(cmd, "token") == 0) {
         return th_cmd_token(argc - 1, argv + 1);
+    }
+    if (strcmp(cmd, "worker") == 0) {
+        return th_cmd_worker(argc - 1, argv + 1);
+    }
+    if (strcmp(cmd, "analyze") == 0) {
+        return th_cmd_analyze(argc - 1, argv + 1);
     }
     fprintf(stderr, "trialhub: unknown command '%s'\n\n", cmd);
     usage(stderr);

@@ -12,13 +12,17 @@
 
 #include "cmd/cmd.h"
 #include "trialhub/auth.h"
+#include "trialhub/analysis.h"
+#include "trialhub/blob.h"
 #include "trialhub/clock.h"
+#include "trialhub/collector.h"
 #include "trialhub/events.h"
 #include "trialhub/fhir.h"
 #include "trialhub/log.h"
 #include "trialhub/metrics.h"
 #include "trialhub/pool.h"
 #include "trialhub/progress.h"
+#include "trialhub/queue.h"
 #include "trialhub/reports.h"
 #include "trialhub/roster.h"
 #include "trialhub/scoring.h"
@@ -76,8 +80,23 @@ static void usage(FILE *out)
           "before 503, default 8\n"
           "  --report-max-timeout S    [TRIALHUB_REPORT_MAX_TIMEOUT] largest timeout= a report "
           "may ask, default 120\n"
-          "  --workers N               [TRIALHUB_WORKERS] embedded analysis workers (image "
-          "analysis issue; accepted, unused yet)\n"
+          "  --collect-max-in-flight N [TRIALHUB_COLLECT_MAX_IN_FLIGHT] sites fetched at once, "
+          "default 16\n"
+          "  --collect-site-timeout-ms N [TRIALHUB_COLLECT_SITE_TIMEOUT_MS] one site's whole "
+          "fetch, default 120000\n"
+          "  --collect-allow-http      [TRIALHUB_COLLECT_ALLOW_HTTP=1] allow http:// site URLs "
+          "(https only by default)\n"
+          "  --collect-every D         [TRIALHUB_COLLECT_EVERY] collect every trial this often, "
+          "e.g. 15m or 24h\n"
+          "  --workers N               [TRIALHUB_WORKERS] embedded analysis workers, default 2 "
+          "(0: none; run `trialhub worker`)\n"
+          "  --analyzer CMD            [TRIALHUB_ANALYZER] default: trialhub analyze\n"
+          "  --blobs URL               [TRIALHUB_BLOB_URL] default " TH_DEFAULT_BLOB_URL "\n"
+          "  --upload-max-mb N         [TRIALHUB_UPLOAD_MAX_MB] largest image upload, default 512\n"
+          "  --lease S                 [TRIALHUB_LEASE] lease of a task, default 30\n"
+          "  --task-timeout S          [TRIALHUB_TASK_TIMEOUT] one analysis attempt, default 600\n"
+          "  --webhook-allow-private   [TRIALHUB_WEBHOOK_ALLOW_PRIVATE=1] callbacks to private "
+          "addresses (tests)\n"
           "  --log-level LEVEL         [TRIALHUB_LOG_LEVEL] debug, info, warn, error\n",
           out);
 }
@@ -110,6 +129,12 @@ typedef struct serve_opts {
     unsigned report_threads;
     unsigned report_queue;
     unsigned report_max_timeout_s;
+    unsigned collect_max_in_flight;
+    unsigned collect_site_timeout_ms;
+    bool collect_allow_http;
+    uint64_t collect_every_ns;
+    uint64_t upload_limit;
+    th_cmd_worker_opts work;
 } serve_opts;
 
 static unsigned env_number(const char *name, unsigned fallback, unsigned long min,
@@ -117,6 +142,21 @@ static unsigned env_number(const char *name, unsigned fallback, unsigned long mi
 {
     const char *v = th_cmd_env(name, NULL);
     return v ? (unsigned)th_cmd_number(name, v, min, max) : fallback;
+}
+
+/* "15m", "6h", "24h", "90s": the schedule of collections; 0 if malformed or under a minute. */
+static uint64_t parse_every(const char *s)
+{
+    char *end;
+    unsigned long long v = strtoull(s, &end, 10);
+    uint64_t unit = strcmp(end, "s") == 0   ? TH_NS_PER_S
+                    : strcmp(end, "m") == 0 ? 60 * TH_NS_PER_S
+                    : strcmp(end, "h") == 0 ? 3600 * TH_NS_PER_S
+                                            : 0;
+    if (end == s || v == 0 || v > 24 * 3600 || unit == 0 || v * unit < 60 * TH_NS_PER_S) {
+        return 0;
+    }
+    return v * unit;
 }
 
 static int parse(int argc, char **argv, serve_opts *o)
@@ -140,6 +180,15 @@ static int parse(int argc, char **argv, serve_opts *o)
     o->report_threads = env_number("TRIALHUB_REPORT_THREADS", 2, 1, 64);
     o->report_queue = env_number("TRIALHUB_REPORT_QUEUE", 8, 1, 4096);
     o->report_max_timeout_s = env_number("TRIALHUB_REPORT_MAX_TIMEOUT", 120, 1, 3600);
+    o->collect_max_in_flight = env_number("TRIALHUB_COLLECT_MAX_IN_FLIGHT", 16, 1, 1024);
+    o->collect_site_timeout_ms =
+        env_number("TRIALHUB_COLLECT_SITE_TIMEOUT_MS", 120000, 100, 86400000);
+    o->collect_allow_http = env_number("TRIALHUB_COLLECT_ALLOW_HTTP", 0, 0, 1) == 1;
+    const char *every = th_cmd_env("TRIALHUB_COLLECT_EVERY", NULL);
+    if (every && (o->collect_every_ns = parse_every(every)) == 0) {
+        fprintf(stderr, "trialhub serve: TRIALHUB_COLLECT_EVERY must be like 15m, 6h or 24h\n");
+        return 2;
+    }
     o->ws_max_conns = env_number("TRIALHUB_WS_MAX_CONNECTIONS", 1024, 1, 1000000);
     o->ws_send_queue = env_number("TRIALHUB_WS_SEND_QUEUE", 256, 1, 1000000);
     o->ws_send_queue_bytes = env_number("TRIALHUB_WS_SEND_QUEUE_BYTES", 1u << 20, 1024, 1u << 30);
@@ -147,7 +196,8 @@ static int parse(int argc, char **argv, serve_opts *o)
     o->ws_stats_ms = env_number("TRIALHUB_WS_STATS_INTERVAL_MS", 1000, 1, 3600000);
     o->ws_ticket_ttl_s = env_number("TRIALHUB_WS_TICKET_TTL_S", 30, 1, 3600);
     o->ws_max_tickets = env_number("TRIALHUB_WS_MAX_TICKETS", 4096, 1, 1000000);
-    (void)env_number("TRIALHUB_WORKERS", 0, 0, 1024);
+    th_cmd_worker_defaults(&o->work);
+    o->upload_limit = (uint64_t)env_number("TRIALHUB_UPLOAD_MAX_MB", 512, 1, 65536) << 20;
     for (int i = 1; i < argc; i++) {
         const char *v;
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
@@ -208,8 +258,23 @@ static int parse(int argc, char **argv, serve_opts *o)
             o->report_queue = (unsigned)th_cmd_number("--report-queue", v, 1, 4096);
         } else if ((v = th_cmd_flag(argc, argv, &i, "report-max-timeout"))) {
             o->report_max_timeout_s = (unsigned)th_cmd_number("--report-max-timeout", v, 1, 3600);
-        } else if ((v = th_cmd_flag(argc, argv, &i, "workers"))) {
-            (void)th_cmd_number("--workers", v, 0, 1024);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "collect-max-in-flight"))) {
+            o->collect_max_in_flight =
+                (unsigned)th_cmd_number("--collect-max-in-flight", v, 1, 1024);
+        } else if ((v = th_cmd_flag(argc, argv, &i, "collect-site-timeout-ms"))) {
+            o->collect_site_timeout_ms =
+                (unsigned)th_cmd_number("--collect-site-timeout-ms", v, 100, 86400000);
+        } else if (strcmp(argv[i], "--collect-allow-http") == 0) {
+            o->collect_allow_http = true;
+        } else if ((v = th_cmd_flag(argc, argv, &i, "collect-every"))) {
+            if ((o->collect_every_ns = parse_every(v)) == 0) {
+                fprintf(stderr, "trialhub serve: --collect-every must be like 15m, 6h or 24h\n");
+                return 2;
+            }
+        } else if ((v = th_cmd_flag(argc, argv, &i, "upload-max-mb"))) {
+            o->upload_limit = (uint64_t)th_cmd_number("--upload-max-mb", v, 1, 65536) << 20;
+        } else if (th_cmd_worker_options(argc, argv, &i, &o->work)) {
+            /* taken */
         } else if ((v = th_cmd_flag(argc, argv, &i, "log-level"))) {
             th_log_configure(th_log_level_parse(v), 2);
         } else {
@@ -241,7 +306,7 @@ static int demo_apply(th_store *store, void *arg)
         static const char *const sites[][2] = {
             {"S1", "Site one"}, {"S2", "Site two"}, {"S3", "Site three"}};
         for (int i = 0; rc == 0 && i < 3; i++) {
-            th_site site = {"DEMO", sites[i][0], sites[i][1]};
+            th_site site = {"DEMO", sites[i][0], sites[i][1], NULL, NULL};
             rc = th_store_site_insert(store, &site);
         }
         for (int i = 1; rc == 0 && i <= 1000; i++) {
@@ -301,6 +366,18 @@ static int seed_demo(th_writer *writer, th_roster *roster, th_keyring *keyring, 
     return 0;
 }
 
+/* Removes upload temp files an earlier run left (a crash mid-upload). An hour old at least: the
+ * folder may be shared with other nodes still uploading. */
+static int sweep_blobs(th_blob_store *blobs)
+{
+    size_t removed = 0;
+    int rc = th_blob_sweep(blobs, 3600, &removed);
+    if (rc == 0 && removed) {
+        TH_LOG(TH_LOG_INFO, "stale uploads removed", TH_LOG_INT("files", removed));
+    }
+    return rc;
+}
+
 /* ---- run --------------------------------------------------------------------------------- */
 
 int th_cmd_serve(int argc, char **argv)
@@ -346,7 +423,13 @@ int th_cmd_serve(int argc, char **argv)
     th_scoring *scoring = NULL;
     th_progress *progress = NULL;
     th_reports *reports = NULL;
+    th_collector *collector = NULL;
+    th_queue *queue = NULL;
+    th_blob_store *blobs = NULL;
+    th_pool *io_pool = NULL;
+    th_workers *workers = NULL;
     th_server *server = NULL;
+    char qerr[256] = "";
     const char *failed = NULL;
 
     th_writer_config wcfg = {o.writer_queue, o.writer_batch, o.writer_wait_us};
@@ -355,6 +438,15 @@ int th_cmd_serve(int argc, char **argv)
         failed = "metrics";
     } else if ((rc = th_events_create(metrics, &events)) != 0) {
         failed = "events";
+    } else if ((rc = th_queue_open(o.database, NULL, &queue, qerr, sizeof(qerr))) != 0 ||
+               (rc = th_queue_register_metrics(queue, metrics)) != 0) {
+        failed = qerr[0] ? qerr : "queue";
+    } else if ((rc = th_blob_open(o.work.blobs, o.upload_limit, &blobs, qerr, sizeof(qerr))) != 0) {
+        failed = qerr[0] ? qerr : "blob store";
+    } else if ((rc = sweep_blobs(blobs)) != 0) {
+        failed = "blob sweep";
+    } else if ((rc = th_pool_create(&(th_pool_config){"blob-io", 2, 256}, &io_pool)) != 0) {
+        failed = "I/O pool";
     } else if ((rc = th_writer_create(store, &wcfg, metrics, &writer)) != 0) {
         failed = "writer";
     } else if ((rc = th_pool_create(&pcfg, &pool)) != 0) {
@@ -385,8 +477,23 @@ int th_cmd_serve(int argc, char **argv)
             failed = "reports";
         } else {
             scfg.progress = progress;
+            th_collector_config ccfg = {
+                .store = store,
+                .writer = writer,
+                .roster = roster,
+                .qreg = qreg,
+                .progress = progress,
+                .events = events,
+                .metrics = metrics,
+                .max_in_flight = o.collect_max_in_flight,
+                .site_timeout_ms = o.collect_site_timeout_ms,
+                .every_ns = o.collect_every_ns,
+                .allow_insecure_http = o.collect_allow_http,
+            };
             if ((rc = th_scoring_create(&scfg, &scoring)) != 0) {
                 failed = "scoring";
+            } else if ((ccfg.scoring = scoring, rc = th_collector_create(&ccfg, &collector)) != 0) {
+                failed = "collector";
             }
         }
     }
@@ -411,6 +518,11 @@ int th_cmd_serve(int argc, char **argv)
             .events = events,
             .progress = progress,
             .reports = reports,
+            .collector = collector,
+            .queue = queue,
+            .blobs = blobs,
+            .io_pool = io_pool,
+            .upload_limit = o.upload_limit,
             .report_max_timeout_s = o.report_max_timeout_s,
             .ws_max_connections = o.ws_max_conns,
             .ws_send_queue = o.ws_send_queue,
@@ -424,6 +536,10 @@ int th_cmd_serve(int argc, char **argv)
         if (rc != 0) {
             failed = err;
         }
+    }
+    if (failed == NULL && (rc = th_cmd_workers_start(&o.work, store, queue, blobs, events, metrics,
+                                                     1, &workers)) != 0) {
+        failed = "workers";
     }
     if (failed == NULL) {
         char url[64];
@@ -460,8 +576,21 @@ int th_cmd_serve(int argc, char **argv)
 
     /* Shutdown order: requests in flight finish (their commits complete as the writer drains),
      * scoring drains on the pool, the writer commits what is queued, then everything stops. */
+    /* Embedded workers: running analyzers are stopped, their tasks go back to the queue. */
+    th_workers_stop(workers);
+    if (io_pool) {
+        th_ctx *ctx = NULL;
+        if (th_ctx_with_timeout(th_ctx_background(), 30 * TH_NS_PER_S, &ctx) == 0) {
+            if (th_pool_shutdown(ctx, io_pool) != 0) { /* uploads finish their commit */
+                th_log(TH_LOG_WARN, "uploads did not finish storing in time", 0, NULL);
+            }
+            th_ctx_release(ctx);
+        }
+    }
     /* Reports in flight are cancelled and answered (503) before the server stops. */
     th_reports_destroy(reports);
+    /* Collections are canceled; what they already queued commits as the writer drains. */
+    th_collector_destroy(collector);
     if (scoring) {
         th_scoring_stop(scoring);
     }
@@ -484,6 +613,9 @@ int th_cmd_serve(int argc, char **argv)
     th_progress_destroy(progress); /* after the writer: its completions send notes */
     th_keyring_destroy(keyring);
     th_roster_destroy(roster);
+    th_pool_destroy(io_pool);
+    th_blob_close(blobs);
+    th_queue_close(queue);
     th_store_close(store);
     th_events_destroy(events);
     th_metrics_destroy(metrics);

@@ -27,6 +27,7 @@ int th__api_create(th_server *srv, const th_server_config *cfg, th_api **out,
         {th__health_routes, &th__health_nroutes},     {th__admin_routes, &th__admin_nroutes},
         {th__fhir_routes, &th__fhir_nroutes},         {th__events_routes, &th__events_nroutes},
         {th__progress_routes, &th__progress_nroutes}, {th__report_routes, &th__report_nroutes},
+        {th__collect_routes, &th__collect_nroutes},   {th__analysis_routes, &th__analysis_nroutes},
         {th__web_routes, &th__web_nroutes},
     };
     size_t n = 0;

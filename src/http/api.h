@@ -54,6 +54,10 @@ extern const th_route th__progress_routes[];
 extern const size_t th__progress_nroutes;
 extern const th_route th__report_routes[];
 extern const size_t th__report_nroutes;
+extern const th_route th__collect_routes[];
+extern const size_t th__collect_nroutes;
+extern const th_route th__analysis_routes[];
+extern const size_t th__analysis_nroutes;
 extern const th_route th__web_routes[];
 extern const size_t th__web_nroutes;
 
@@ -75,5 +79,20 @@ typedef struct th_api_write {
     void (*done)(struct th_api_write *w, int status);
 } th_api_write;
 bool th__api_write(th_req *req, th_api_write *w);
+
+/* ---- FHIR helpers shared by api_fhir.c and api_fhir_search.c */
+
+/* The stored response as served: its body with `id`, `meta.versionId`, `meta.lastUpdated` (the
+ * time it was received) and the processing extension added. *out is the caller's (json_decref).
+ * Returns 0, TH_EPARSE (the stored body is not a JSON object) or TH_ENOMEM. */
+int th__fhir_qr_resource(const th_qr_stored *row, json_t **out);
+/* Formats unix_ms as an RFC 3339 instant in UTC with milliseconds: 2026-11-29T21:12:48.344Z. */
+#define TH__FHIR_INSTANT_LEN 48
+void th__fhir_format_instant(int64_t unix_ms, char out[TH__FHIR_INSTANT_LEN]);
+/* The scope rule of every read and write of a patient's data: 0 when key may, else 403. */
+unsigned th__fhir_scope_for_patient(const th_key *key, const char *patient_id, const char *trial_id,
+                                    const char *site_id);
+/* GET /fhir/QuestionnaireResponse: the FHIR search (api_fhir_search.c). */
+void th__fhir_qr_search(th_req *req);
 
 #endif

@@ -128,6 +128,7 @@ typedef struct admin_write {
     char schedule[512];
     const char *key_id;
     int64_t now_ms;
+    bool created;
 } admin_write;
 
 static void admin_write_free(void *arg)
@@ -352,9 +353,101 @@ static void sites_post(th_req *req)
     if (a == NULL) {
         return;
     }
-    a->site = (th_site){trial_id, id, name};
+    a->site = (th_site){trial_id, id, name, NULL, NULL};
     a->w.apply = site_apply;
     a->w.done = site_done;
+    th__api_write(req, &a->w);
+}
+
+/* PUT /v1/trials/{id}/sites/{site}: create or update a site with its FHIR server for
+ * collections. The credential is write-only: stored, never echoed, logged or quoted. */
+static int site_put_apply(th_store *store, th_api_write *w)
+{
+    admin_write *a = (admin_write *)w;
+    return th_store_site_upsert(store, &a->site, &a->created);
+}
+
+static void site_put_done(th_api_write *w, int status)
+{
+    admin_write *a = (admin_write *)w;
+    th_req *req = w->req;
+    if (status != 0) {
+        answer_write_error(req, status, "the trial");
+        return;
+    }
+    th_progress_note_roster(th__api_of(req)->cfg->progress);
+    roster_reload(req);
+    snprintf(req->resp.location, sizeof(req->resp.location), "/v1/trials/%s/sites/%s",
+             a->site.trial_id, a->site.id);
+    json_t *out = json_pack("{s:s,s:s,s:s}", "trial", a->site.trial_id, "id", a->site.id, "name",
+                            a->site.name);
+    if (out && a->site.fhir_base_url && a->site.fhir_base_url[0]) {
+        json_object_set_new(out, "fhir_base_url", json_string(a->site.fhir_base_url));
+    }
+    th__api_json(req, a->created ? 201 : 200, out);
+}
+
+static bool url_ok(const char *url)
+{
+    size_t n = strlen(url);
+    if (n < 8 || n > 2000 ||
+        (strncmp(url, "https://", 8) != 0 && strncmp(url, "http://", 7) != 0)) {
+        return false;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if ((unsigned char)url[i] <= ' ' || url[i] == '"' || url[i] == '\\') {
+            return false;
+        }
+    }
+    return true;
+}
+
+static void site_put(th_req *req)
+{
+    const char *trial_id = req->params[0];
+    const char *site_id = req->params[1];
+    if (!trial_exists(req, trial_id)) {
+        th__resp_error(req, 404, "no such trial");
+        return;
+    }
+    json_t *body = th__api_json_body(req);
+    if (body == NULL) {
+        return;
+    }
+    problems p = {.n = 0};
+    th_buf_init(&p.list, 0);
+    if (!th__id_valid(site_id)) {
+        problem(&p, "/id", "the site id in the path must be 1-64 letters, digits, '-', '_' or '.'");
+    }
+    const char *name = get_name(body, &p);
+    const char *url = NULL, *credential = NULL;
+    json_t *v = json_object_get(body, "fhir_base_url");
+    if (v && !json_is_null(v)) {
+        url = json_string_value(v);
+        if (url == NULL || !url_ok(url)) {
+            problem(&p, "/fhir_base_url", "must be an http(s) URL of at most 2000 characters");
+        }
+    }
+    v = json_object_get(body, "credential");
+    if (v) {
+        credential = json_is_null(v) ? "" : json_string_value(v);
+        if (credential == NULL || strlen(credential) > 4096 ||
+            strpbrk(credential, "\r\n") != NULL) {
+            /* Never quote it back. */
+            problem(&p, "/credential", "must be a string of at most 4096 characters, one line");
+        }
+    }
+    if (answer_problems(req, &p)) {
+        json_decref(body);
+        return;
+    }
+    admin_write *a = admin_write_new(req, body);
+    if (a == NULL) {
+        return;
+    }
+    a->site = (th_site){trial_id, site_id, name, url ? url : "", credential};
+    a->w.apply = site_put_apply;
+    a->w.done = site_put_done;
     th__api_write(req, &a->w);
 }
 
@@ -605,6 +698,12 @@ const th_route th__admin_routes[] = {
      .handler = trials_post,
      .auth = TH_AUTH_ADMIN,
      .body_limit = 64 * 1024,
+     .content_types = json_types},
+    {.method = "PUT",
+     .pattern = "/v1/trials/{id}/sites/{site}",
+     .handler = site_put,
+     .auth = TH_AUTH_ADMIN,
+     .body_limit = 16 * 1024,
      .content_types = json_types},
     {.method = "POST",
      .pattern = "/v1/trials/{id}/sites",

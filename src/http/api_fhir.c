@@ -7,11 +7,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "http/api.h"
 #include "trialhub/alloc.h"
 #include "trialhub/clock.h"
 #include "trialhub/fhir.h"
+#include "trialhub/ingest.h"
 #include "trialhub/progress.h"
 #include "trialhub/scoring.h"
 
@@ -25,7 +27,20 @@ static const char capability[] =
     "\"rest\":[{\"mode\":\"server\",\"security\":{\"service\":[{\"text\":\"Bearer API key\"}],"
     "\"description\":\"Every interaction but this one needs Authorization: Bearer <key>.\"},"
     "\"resource\":[{\"type\":\"QuestionnaireResponse\",\"versioning\":\"versioned\","
-    "\"conditionalCreate\":true,\"interaction\":[{\"code\":\"create\"},{\"code\":\"read\"}]},"
+    "\"conditionalCreate\":true,\"interaction\":[{\"code\":\"create\"},{\"code\":\"read\"},"
+    "{\"code\":\"search-type\",\"documentation\":\"Keyset pages in id order, stable while new "
+    "responses arrive: follow the next link. _count defaults to 50 and is clamped to 500. Unknown "
+    "parameters are refused unless Prefer: handling=lenient.\"}],"
+    "\"searchParam\":[{\"name\":\"_lastUpdated\",\"definition\":"
+    "\"http://hl7.org/fhir/SearchParameter/Resource-lastUpdated\",\"type\":\"date\","
+    "\"documentation\":\"When the response was received here; prefixes gt, ge, lt, le, eq; "
+    "repeatable. A date without a time zone is UTC.\"},"
+    "{\"name\":\"subject\",\"definition\":"
+    "\"http://hl7.org/fhir/SearchParameter/QuestionnaireResponse-subject\",\"type\":"
+    "\"reference\",\"documentation\":\"Patient/<id> or <id>.\"},"
+    "{\"name\":\"questionnaire\",\"definition\":"
+    "\"http://hl7.org/fhir/SearchParameter/QuestionnaireResponse-questionnaire\",\"type\":"
+    "\"reference\",\"documentation\":\"The canonical URL exactly as submitted.\"}]},"
     "{\"type\":\"Questionnaire\",\"interaction\":[{\"code\":\"search-type\"}]}]}]}";
 
 static void metadata(th_req *req)
@@ -91,46 +106,6 @@ static int qr_post_apply(th_store *store, th_write_job *job)
     return th_store_qr_insert(store, &((qr_post_state *)job)->row);
 }
 
-/* After the commit, on the writer thread: the progress cache and the live events hear of a new
- * response (ids, instrument and visit only; never an answer). */
-static void announce(th_api *api, const qr_post_state *st)
-{
-    th_progress_note note = {
-        .qr_id = st->row.id,
-        .trial_id = st->trial_id,
-        .site_id = st->site_id,
-        .patient_id = st->row.patient_id,
-        .instrument = st->row.instrument,
-        .visit_week = st->visit_week,
-        .received_ms = st->row.received_ms,
-    };
-    th_progress_note_submission(api->cfg->progress, &note);
-    th_events *events = api->cfg->events;
-    if (!th_events_active(events)) {
-        return;
-    }
-    char fields[512], topic[TH_ID_MAX + 8];
-    th_buf b;
-    th_buf_init_with(&b, fields, sizeof(fields), 0);
-    th_buf_printf(&b,
-                  "\"resource\":\"QuestionnaireResponse/%lld\",\"trial\":", (long long)st->row.id);
-    th_buf_json_str(&b, st->trial_id);
-    th_buf_puts(&b, ",\"site\":");
-    th_buf_json_str(&b, st->site_id);
-    th_buf_puts(&b, ",\"patient\":");
-    th_buf_json_str(&b, st->row.patient_id);
-    th_buf_puts(&b, ",\"instrument\":");
-    th_buf_json_str(&b, st->row.instrument);
-    if (st->visit_week >= 0) {
-        th_buf_printf(&b, ",\"visit_week\":%d", st->visit_week);
-    }
-    if (!th_buf_failed(&b)) {
-        snprintf(topic, sizeof(topic), "trial:%s", st->trial_id);
-        th_events_publish(events, topic, "submission.accepted", st->trial_id, st->site_id, b.data);
-    }
-    th_buf_free(&b);
-}
-
 static void qr_post_done(th_write_job *job, int status)
 {
     qr_post_state *st = (qr_post_state *)job;
@@ -158,12 +133,11 @@ static void qr_post_done(th_write_job *job, int status)
             th__resp_static(req, code, "application/fhir+json", "");
         }
         if (!st->row.duplicate) {
-            announce(th__api_of(req), st);
-            th_scoring_item item = {st->row.id,         st->trial_id,       st->site_id,
-                                    st->row.patient_id, st->row.instrument, st->visit_week};
+            const th_server_config *cfg = th__api_of(req)->cfg;
+            th_ingest_hooks hooks = {cfg->progress, cfg->events, cfg->scoring};
             th_qr *qr = st->qr;
-            st->qr = NULL; /* the scoring task owns it now */
-            th_scoring_submit(th__api_of(req)->cfg->scoring, &item, qr);
+            st->qr = NULL; /* taken */
+            th_ingest_committed(&hooks, &st->row, qr);
         }
     }
     th__req_resume(req);
@@ -400,34 +374,82 @@ static void qr_get(th_req *req)
         th__resp_error(req, 403, "this key may not read this patient's data");
         return;
     }
-    json_error_t err;
-    json_t *doc = json_loadb(row.body, row.body_len, 0, &err);
-    json_t *ext = processing_extension(&row);
-    if (doc == NULL || ext == NULL) {
-        json_decref(doc);
-        json_decref(ext);
-        th_qr_stored_free(&row);
-        th__resp_error(req, 500, "the stored resource cannot be read");
+    json_t *doc = NULL;
+    rc = th__fhir_qr_resource(&row, &doc);
+    snprintf(req->resp.etag, sizeof(req->resp.etag), "W/\"%d\"", row.version);
+    th_qr_stored_free(&row);
+    if (rc != 0) {
+        th__resp_error(req, rc == TH_ENOMEM ? 503 : 500, "the stored resource cannot be read");
         return;
     }
+    send_fhir_json(req, 200, doc);
+}
+
+void th__fhir_format_instant(int64_t unix_ms, char out[TH__FHIR_INSTANT_LEN])
+{
+    int64_t ms = unix_ms % 1000;
+    if (ms < 0) {
+        ms += 1000;
+    }
+    time_t secs = (time_t)((unix_ms - ms) / 1000);
+    struct tm tm;
+    char date[TH__FHIR_INSTANT_LEN];
+    if (gmtime_r(&secs, &tm) == NULL ||
+        strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%S", &tm) == 0) {
+        snprintf(date, sizeof(date), "1970-01-01T00:00:00");
+    }
+    snprintf(out, TH__FHIR_INSTANT_LEN, "%.32s.%03dZ", date, (int)ms);
+}
+
+int th__fhir_qr_resource(const th_qr_stored *row, json_t **out)
+{
+    json_error_t err;
+    json_t *doc = json_loadb(row->body, row->body_len, 0, &err);
+    if (!json_is_object(doc)) {
+        json_decref(doc);
+        return TH_EPARSE;
+    }
+    json_t *ext = processing_extension(row);
     json_t *list = json_object_get(doc, "extension");
     if (!json_is_array(list)) {
         list = json_array();
-        json_object_set_new(doc, "extension", list);
+        if (json_object_set_new(doc, "extension", list) != 0) {
+            list = NULL;
+        }
     }
-    json_array_append_new(list, ext);
     json_t *meta = json_object_get(doc, "meta");
     if (!json_is_object(meta)) {
         meta = json_object();
-        json_object_set_new(doc, "meta", meta);
+        if (json_object_set_new(doc, "meta", meta) != 0) {
+            meta = NULL;
+        }
     }
-    json_object_set_new(meta, "versionId", json_string("1"));
-    char id_str[24];
-    snprintf(id_str, sizeof(id_str), "%lld", id);
-    json_object_set_new(doc, "id", json_string(id_str));
-    snprintf(req->resp.etag, sizeof(req->resp.etag), "W/\"%d\"", row.version);
-    th_qr_stored_free(&row);
-    send_fhir_json(req, 200, doc);
+    char id_str[24], version[16], updated[TH__FHIR_INSTANT_LEN];
+    snprintf(id_str, sizeof(id_str), "%lld", (long long)row->id);
+    snprintf(version, sizeof(version), "%d", row->version);
+    th__fhir_format_instant(row->received_ms, updated);
+    bool failed = ext == NULL || list == NULL || meta == NULL;
+    if (failed) {
+        json_decref(ext);
+    } else {
+        /* The _new setters take the value even when they fail. */
+        failed = json_array_append_new(list, ext) != 0 ||
+                 json_object_set_new(meta, "versionId", json_string(version)) != 0 ||
+                 json_object_set_new(meta, "lastUpdated", json_string(updated)) != 0 ||
+                 json_object_set_new(doc, "id", json_string(id_str)) != 0;
+    }
+    if (failed) {
+        json_decref(doc);
+        return TH_ENOMEM;
+    }
+    *out = doc;
+    return 0;
+}
+
+unsigned th__fhir_scope_for_patient(const th_key *key, const char *patient_id, const char *trial_id,
+                                    const char *site_id)
+{
+    return scope_for_patient(key, patient_id, trial_id, site_id);
 }
 
 static const char *const fhir_types[] = {"application/fhir+json", "application/json", NULL};
@@ -446,6 +468,11 @@ const th_route th__fhir_routes[] = {
      .fhir = true,
      .body_limit = 1024 * 1024,
      .content_types = fhir_types},
+    {.method = "GET",
+     .pattern = "/fhir/QuestionnaireResponse",
+     .handler = th__fhir_qr_search,
+     .auth = TH_AUTH_ANY,
+     .fhir = true},
     {.method = "GET",
      .pattern = "/fhir/QuestionnaireResponse/{id}",
      .handler = qr_get,

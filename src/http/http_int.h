@@ -67,8 +67,11 @@ struct th_route {
     const char *pattern; /* "/fhir/QuestionnaireResponse/{id}" */
     th_handler_fn handler;
     th_auth_need auth;
-    bool fhir;                        /* errors as OperationOutcome */
-    size_t body_limit;                /* 0: no body accepted */
+    bool fhir;         /* errors as OperationOutcome */
+    size_t body_limit; /* 0: no body accepted */
+    /* When set, the body is not buffered: each chunk is handed to on_chunk as it arrives (on
+     * the libmicrohttpd thread), then the handler runs at its end as usual. */
+    void (*on_chunk)(th_req *req, const char *data, size_t len);
     const char *const *content_types; /* NULL-terminated accepted media types, or NULL */
 };
 
@@ -97,6 +100,7 @@ struct th_req {
     th_buf body;
     bool has_body;    /* the request declares a body (Content-Length > 0 or chunked) */
     size_t discarded; /* body bytes dropped after an early error */
+    size_t streamed;  /* body bytes handed to the route's on_chunk */
     bool early_error; /* a response was decided before the body arrived */
     enum th_req_phase phase;
     atomic_bool resumed; /* set by the completing thread after the response is ready */
@@ -163,5 +167,10 @@ bool th__hangup_unwatch(th_hangup *hangup, uint64_t handle);
 const char *th__req_header(th_req *req, const char *name);
 /* Returns the query argument or NULL. */
 const char *th__req_query(th_req *req, const char *name);
+/* Calls fn for every query argument in the order sent, repeated names included; value is NULL
+ * for an argument without '=' (both are percent-decoded and live as long as the request). Stops
+ * at fn's first non-zero return and returns it; 0 when fn never stopped it. */
+int th__req_query_each(th_req *req, int (*fn)(void *arg, const char *name, const char *value),
+                       void *arg);
 
 #endif

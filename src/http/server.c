@@ -152,6 +152,29 @@ const char *th__req_query(th_req *req, const char *name)
     return MHD_lookup_connection_value(req->conn, MHD_GET_ARGUMENT_KIND, name);
 }
 
+struct query_each {
+    int (*fn)(void *arg, const char *name, const char *value);
+    void *arg;
+    int rc;
+};
+
+static enum MHD_Result query_each_value(void *cls, enum MHD_ValueKind kind, const char *key,
+                                        const char *value)
+{
+    (void)kind;
+    struct query_each *qe = cls;
+    qe->rc = qe->fn(qe->arg, key, value);
+    return qe->rc == 0 ? MHD_YES : MHD_NO;
+}
+
+int th__req_query_each(th_req *req, int (*fn)(void *arg, const char *name, const char *value),
+                       void *arg)
+{
+    struct query_each qe = {fn, arg, 0};
+    (void)MHD_get_connection_values(req->conn, MHD_GET_ARGUMENT_KIND, query_each_value, &qe);
+    return qe.rc;
+}
+
 void th__req_suspend(th_req *req)
 {
     req->phase = TH_PH_SUSPENDED;
@@ -223,6 +246,16 @@ static unsigned authenticate(th_req *req)
     return 0;
 }
 
+/* The body limit of the request's route: streamed uploads take the server's upload limit. */
+static uint64_t route_limit(const th_req *req)
+{
+    if (req->route->on_chunk) {
+        uint64_t limit = req->srv->cfg.upload_limit;
+        return limit ? limit : (uint64_t)512 << 20;
+    }
+    return req->route->body_limit;
+}
+
 static void early_error(th_req *req, unsigned status, const char *detail)
 {
     th__resp_error(req, status, detail);
@@ -280,11 +313,11 @@ static void on_headers(th_req *req, const char *method, const char *url)
         early_error(req, 415, "unsupported Content-Type");
         return;
     }
-    if (clen && strtoull(clen, NULL, 10) > req->route->body_limit) {
+    if (clen && strtoull(clen, NULL, 10) > route_limit(req)) {
         early_error(req, 413, "request body too large");
         return;
     }
-    th_buf_init(&req->body, req->route->body_limit);
+    th_buf_init(&req->body, req->route->on_chunk ? 1 : req->route->body_limit);
 }
 
 int th__resp_header(th_req *req, const char *name, const char *value)
@@ -412,10 +445,21 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
         if (req->early_error) {
             /* Over the limit mid-stream (a chunked body): drop the rest and answer 413 at the
              * end, but cut a client off that keeps sending far past the limit. */
-            size_t limit = req->route ? req->route->body_limit : 0;
+            uint64_t limit = req->route ? route_limit(req) : 0;
             req->discarded += *upload_data_size;
             *upload_data_size = 0;
             return req->discarded > 2 * limit + 65536 ? MHD_NO : MHD_YES;
+        }
+        if (req->route->on_chunk) {
+            /* Streamed: the route consumes the body as it arrives (uploads of images). */
+            req->streamed += *upload_data_size;
+            if (req->streamed > route_limit(req)) {
+                early_error(req, 413, "request body too large");
+            } else {
+                req->route->on_chunk(req, upload_data, *upload_data_size);
+            }
+            *upload_data_size = 0;
+            return MHD_YES;
         }
         th_buf_append(&req->body, upload_data, *upload_data_size);
         *upload_data_size = 0;

@@ -28,6 +28,8 @@ enum {
     ST_QR_BY_IDENT,
     ST_QR_SCORE,
     ST_ALERT_INSERT,
+    ST_COLLECTED_GET,
+    ST_COLLECTED_PUT,
     ST_COUNT
 };
 
@@ -51,6 +53,10 @@ static const char *const write_sql[ST_COUNT] = {
                         " created_ms) SELECT id, trial_id, site_id, patient_id, 'safety', ?"
                         " FROM questionnaire_responses WHERE id = ?"
                         " ON CONFLICT(qr_id) DO NOTHING",
+    [ST_COLLECTED_GET] = "SELECT qr_id FROM collected WHERE trial_id = ? AND site_id = ?"
+                         " AND resource_id = ?",
+    [ST_COLLECTED_PUT] = "INSERT INTO collected(trial_id, site_id, resource_id, qr_id)"
+                         " VALUES(?,?,?,?) ON CONFLICT DO NOTHING",
 };
 
 /* Schema migrations: append only; each runs once, in its own transaction. */
@@ -89,6 +95,39 @@ static const char *const migrations[] = {
     "ALTER TABLE questionnaire_responses ADD COLUMN score_seq INTEGER;",
     /* 3: a trial's patients without reading every trial's (reports) */
     "CREATE INDEX patients_trial ON patients(trial_id, id);",
+    /* 4: multi-site collection: each site's FHIR server, and what was collected from where */
+    "ALTER TABLE sites ADD COLUMN fhir_base_url TEXT;"
+    "ALTER TABLE sites ADD COLUMN credential TEXT;"
+    "CREATE TABLE collected(trial_id TEXT NOT NULL, site_id TEXT NOT NULL,"
+    "  resource_id TEXT NOT NULL, qr_id INTEGER NOT NULL,"
+    "  PRIMARY KEY(trial_id, site_id, resource_id)) WITHOUT ROWID;",
+    /* 5: the durable task queue (src/queue/sql.c, docs/internals/queue.md). due_ms is when a
+     * task may next be leased: run_at for queued and failed tasks, the lease's end for running
+     * ones, so that one range of tasks_due finds every runnable task. The large columns come
+     * last: reading a row's state never walks its payload's overflow pages. */
+    "CREATE TABLE tasks(seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, kind TEXT NOT NULL,"
+    "  state TEXT NOT NULL CHECK(state IN ('queued', 'running', 'succeeded', 'failed', 'dead',"
+    "  'canceled')), priority INTEGER NOT NULL, due_ms INTEGER NOT NULL,"
+    "  attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL, lease_owner TEXT,"
+    "  scope TEXT NOT NULL DEFAULT '', idempotency_key TEXT, created_ms INTEGER NOT NULL,"
+    "  updated_ms INTEGER NOT NULL, last_error TEXT, payload TEXT NOT NULL, result TEXT);"
+    "CREATE INDEX tasks_due ON tasks(kind, priority DESC, due_ms)"
+    "  WHERE state IN ('queued', 'failed', 'running');"
+    "CREATE INDEX tasks_running ON tasks(kind, due_ms) WHERE state = 'running';"
+    "CREATE UNIQUE INDEX tasks_idempotency ON tasks(kind, scope, idempotency_key)"
+    "  WHERE idempotency_key IS NOT NULL;"
+    "CREATE INDEX tasks_state ON tasks(state);",
+    /* 6: FHIR search: a trial's responses in id order with the columns that scope and
+     * _lastUpdated filter on, so that a search checks them in the index and reads only the rows
+     * it returns (a site's or a patient's search walks the trial's range; with rows 1-2 KiB
+     * wide, reading each one made a site's page of 1M rows take seconds). It starts with
+     * qr_trial's columns and serves its queries, so qr_trial goes: one index appended to per
+     * commit, not two. */
+    "CREATE INDEX qr_trial_scope ON questionnaire_responses(trial_id, id, site_id, patient_id,"
+    "  received_ms);"
+    "DROP INDEX qr_trial;",
+    /* 7: each trial's webhook secret (HMAC key of X-Trialhub-Signature) */
+    "ALTER TABLE trials ADD COLUMN webhook_secret TEXT;",
 };
 
 typedef struct sqlite_store {
@@ -475,6 +514,48 @@ static int sq_site_insert(th_store *store, const th_site *site)
                       texts, 3, NULL, 0);
 }
 
+static int sq_site_upsert(th_store *store, const th_site *site, bool *created)
+{
+    sqlite_store *s = (sqlite_store *)store;
+    sqlite3_stmt *st = NULL;
+    /* In the writer's transaction: whether it exists, then the upsert, see the same state. */
+    if (sqlite3_prepare_v2(s->wdb, "SELECT count(*) FROM sites WHERE trial_id = ? AND id = ?", -1,
+                           &st, NULL) != SQLITE_OK) {
+        return TH_EIO;
+    }
+    bind_text(st, 1, site->trial_id);
+    bind_text(st, 2, site->id);
+    int rc = sqlite3_step(st);
+    bool exists = rc == SQLITE_ROW && sqlite3_column_int(st, 0) > 0;
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW) {
+        return TH_EIO;
+    }
+    if (sqlite3_prepare_v2(s->wdb,
+                           "INSERT INTO sites(trial_id, id, name, fhir_base_url, credential)"
+                           " VALUES(?1, ?2, ?3, nullif(?4, ''), nullif(?5, ''))"
+                           " ON CONFLICT(trial_id, id) DO UPDATE SET name = excluded.name,"
+                           " fhir_base_url = excluded.fhir_base_url,"
+                           " credential = CASE WHEN ?5 IS NULL THEN credential"
+                           " ELSE excluded.credential END",
+                           -1, &st, NULL) != SQLITE_OK) {
+        return TH_EIO;
+    }
+    bind_text(st, 1, site->trial_id);
+    bind_text(st, 2, site->id);
+    bind_text(st, 3, site->name);
+    bind_text(st, 4, site->fhir_base_url);
+    bind_text(st, 5, site->credential);
+    rc = sqlite3_step(st);
+    int ext = sqlite3_extended_errcode(s->wdb);
+    sqlite3_finalize(st);
+    if (rc == SQLITE_DONE) {
+        *created = !exists;
+        return 0;
+    }
+    return ext == SQLITE_CONSTRAINT_FOREIGNKEY ? TH_ENOTFOUND : TH_EIO;
+}
+
 static int sq_patient_insert(th_store *store, const th_patient *p)
 {
     const char *texts[] = {p->id, p->trial_id, p->site_id, p->arm, p->enrolled_on};
@@ -528,11 +609,57 @@ static int sq_key_revoke(th_store *store, const char *key_id, int64_t revoked_ms
     return sqlite3_changes(s->wdb) == 1 ? 0 : TH_ENOTFOUND;
 }
 
+/* Remembers where a collected row came from. */
+static int collected_put(sqlite_store *s, const th_qr_row *row)
+{
+    sqlite3_stmt *st = s->wst[ST_COLLECTED_PUT];
+    bind_text(st, 1, row->trial_id);
+    bind_text(st, 2, row->site_id);
+    bind_text(st, 3, row->source_resource);
+    sqlite3_bind_int64(st, 4, row->id);
+    return step_done(st) == 0 ? 0 : TH_EIO;
+}
+
+static int qr_insert_row(sqlite_store *s, th_qr_row *row);
+
 static int sq_qr_insert(th_store *store, th_qr_row *row)
 {
     sqlite_store *s = (sqlite_store *)store;
-    sqlite3_stmt *st = s->wst[ST_QR_INSERT];
     row->duplicate = row->conflict = false;
+    if (row->source_resource == NULL) {
+        return qr_insert_row(s, row);
+    }
+    /* Collected: the same site's same resource again is a duplicate. */
+    sqlite3_stmt *q = s->wst[ST_COLLECTED_GET];
+    bind_text(q, 1, row->trial_id);
+    bind_text(q, 2, row->site_id);
+    bind_text(q, 3, row->source_resource);
+    int step = sqlite3_step(q);
+    if (step == SQLITE_ROW) {
+        row->id = sqlite3_column_int64(q, 0);
+        row->duplicate = true;
+    }
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    if (step == SQLITE_ROW) {
+        return 0;
+    }
+    if (step != SQLITE_DONE) {
+        return TH_EIO;
+    }
+    int rc = qr_insert_row(s, row);
+    if (rc == 0 && row->conflict) {
+        /* The identifier is stored already: the site's copy carries its own id and meta, so
+         * the bytes differ, but it is the same response. */
+        row->conflict = false;
+        row->duplicate = true;
+    }
+    return rc == 0 ? collected_put(s, row) : rc;
+}
+
+static int qr_insert_row(sqlite_store *s, th_qr_row *row)
+{
+    sqlite3_stmt *st = s->wst[ST_QR_INSERT];
     bind_text(st, 1, row->trial_id);
     bind_text(st, 2, row->site_id);
     bind_text(st, 3, row->patient_id);
@@ -687,7 +814,8 @@ static int sq_trials_each(th_store *store, int (*fn)(void *, const th_trial *), 
 static int site_row(void *arg, sqlite3_stmt *st)
 {
     struct each_ctx *e = arg;
-    th_site site = {col_text(st, 0), col_text(st, 1), col_text(st, 2)};
+    th_site site = {col_text(st, 0), col_text(st, 1), col_text(st, 2), col_text(st, 3),
+                    col_text(st, 4)};
     return e->fn.site(e->arg, &site);
 }
 
@@ -695,8 +823,9 @@ static int sq_sites_each(th_store *store, int (*fn)(void *, const th_site *), vo
 {
     struct each_ctx e = {.fn.site = fn, .arg = arg};
     return read_rows((sqlite_store *)store,
-                     "SELECT trial_id, id, name FROM sites ORDER BY trial_id, id", NULL, 0,
-                     site_row, &e);
+                     "SELECT trial_id, id, name, coalesce(fhir_base_url, ''),"
+                     " coalesce(credential, '') FROM sites ORDER BY trial_id, id",
+                     NULL, 0, site_row, &e);
 }
 
 static int patient_row(void *arg, sqlite3_stmt *st)
@@ -985,6 +1114,215 @@ static int sq_trial_patients_each(th_ctx *ctx, th_store *store, const char *tria
                          trial_id, patient_row, &e);
 }
 
+/* ---- search ------------------------------------------------------------------------------ */
+
+#define SEARCH_LIMIT_MAX 100000
+
+/* The parameters of every search statement, numbered alike in each. */
+enum {
+    SP_TRIAL = 1,
+    SP_SITE,
+    SP_PATIENT,
+    SP_QUESTIONNAIRE,
+    SP_FROM,
+    SP_UNTIL,
+    SP_AFTER,
+    SP_ASOF,
+    SP_LIMIT
+};
+
+/* The filters of q as SQL, made of fixed fragments only (every value is bound): one statement per
+ * combination of filters, so that SQLite plans each with the index that fits instead of one
+ * plan for `(? IS NULL OR column = ?)`, which can use none. */
+static void search_where(const th_qr_search *q, char *sql, size_t len)
+{
+    snprintf(sql, len, " FROM questionnaire_responses WHERE id <= ?8%s%s%s%s%s%s",
+             q->trial_id ? " AND trial_id = ?1" : "", q->site_id ? " AND site_id = ?2" : "",
+             q->patient_id ? " AND patient_id = ?3" : "",
+             q->questionnaire ? " AND questionnaire = ?4" : "",
+             q->received_from_ms != INT64_MIN ? " AND received_ms >= ?5" : "",
+             q->received_until_ms != INT64_MAX ? " AND received_ms < ?6" : "");
+}
+
+/* Prepares sql on db and binds every search parameter it uses. */
+static int search_prepare(sqlite3 *db, const char *sql, const th_qr_search *q, int64_t asof_id,
+                          sqlite3_stmt **out)
+{
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK) {
+        return TH_EIO;
+    }
+    /* A statement without some of the parameters answers SQLITE_RANGE for them: harmless. */
+    bind_text(st, SP_TRIAL, q->trial_id);
+    bind_text(st, SP_SITE, q->site_id);
+    bind_text(st, SP_PATIENT, q->patient_id);
+    bind_text(st, SP_QUESTIONNAIRE, q->questionnaire);
+    sqlite3_bind_int64(st, SP_FROM, q->received_from_ms);
+    sqlite3_bind_int64(st, SP_UNTIL, q->received_until_ms);
+    sqlite3_bind_int64(st, SP_AFTER, q->after_id);
+    sqlite3_bind_int64(st, SP_ASOF, asof_id);
+    /* One more than the page: whether it comes back says if there is a next page. */
+    sqlite3_bind_int64(st, SP_LIMIT, (int64_t)q->limit + 1);
+    *out = st;
+    return 0;
+}
+
+/* Steps st to its end calling fn per row, and finalizes it. Returns 0, th_ctx_err(ctx) when the
+ * statement was interrupted because ctx ended, TH_EIO or fn's code. */
+static int search_step(th_ctx *ctx, sqlite3_stmt *st, row_fn fn, void *arg)
+{
+    int rc = 0, step;
+    while ((step = sqlite3_step(st)) == SQLITE_ROW) {
+        rc = fn(arg, st);
+        if (rc != 0) {
+            break;
+        }
+    }
+    if (rc == 0 && step != SQLITE_DONE) {
+        rc = step == SQLITE_INTERRUPT && th_ctx_done(ctx) ? th_ctx_err(ctx) : TH_EIO;
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
+struct search_ctx {
+    const th_qr_search *q;
+    int (*fn)(void *, const th_qr_stored *);
+    void *arg;
+    th_qr_page *page;
+    size_t rows;
+};
+
+static int search_row(void *arg, sqlite3_stmt *st)
+{
+    struct search_ctx *sc = arg;
+    if (sc->rows == sc->q->limit) {
+        sc->page->more = true; /* the extra row: there is a next page */
+        return 0;
+    }
+    th_qr_stored row;
+    memset(&row, 0, sizeof(row));
+    if (qr_row(&row, st) != 1) {
+        return TH_ENOMEM;
+    }
+    int rc = sc->fn(sc->arg, &row);
+    th_qr_stored_free(&row);
+    sc->rows++;
+    sc->page->last_id = sqlite3_column_int64(st, 0);
+    return rc;
+}
+
+static int search_asof_row(void *arg, sqlite3_stmt *st)
+{
+    th_qr_page *page = arg;
+    page->asof_id = sqlite3_column_int64(st, 0);
+    return 0;
+}
+
+static int search_count_row(void *arg, sqlite3_stmt *st)
+{
+    th_qr_page *page = arg;
+    page->total = sqlite3_column_int64(st, 0);
+    return 0;
+}
+
+static int sq_qr_search(th_ctx *ctx, th_store *store, const th_qr_search *q,
+                        int (*fn)(void *, const th_qr_stored *), void *arg, th_qr_page *page_out)
+{
+    if (q->limit > SEARCH_LIMIT_MAX) {
+        return TH_EINVAL;
+    }
+    if (th_ctx_done(ctx)) {
+        return th_ctx_err(ctx);
+    }
+    sqlite_store *s = (sqlite_store *)store;
+    sqlite3 *db = read_conn_get(s);
+    if (db == NULL) {
+        return TH_EIO;
+    }
+    sqlite3_progress_handler(db, 2000, ctx_interrupt, ctx);
+    char where[256], sql[512];
+    search_where(q, where, sizeof(where));
+    th_qr_page page = {.asof_id = q->asof_id, .total = -1};
+    sqlite3_stmt *st = NULL;
+    /* One read transaction: the bound, the total and the page see the same snapshot. */
+    int rc = sqlite3_exec(db, "BEGIN", NULL, NULL, NULL) == SQLITE_OK ? 0 : TH_EIO;
+    if (rc == 0 && page.asof_id == 0) {
+        rc = search_prepare(db, "SELECT coalesce(max(id), 0) FROM questionnaire_responses", q, 0,
+                            &st);
+        rc = rc ? rc : search_step(ctx, st, search_asof_row, &page);
+    }
+    struct search_ctx sc = {q, fn, arg, &page, 0};
+    if (rc == 0 && q->limit > 0) {
+        snprintf(sql, sizeof(sql),
+                 "SELECT id, trial_id, site_id, patient_id, instrument, processing, score,"
+                 " score_is_int, band, alert, version, received_ms, body, visit_week%s"
+                 " AND id > ?7 ORDER BY id LIMIT ?9",
+                 where);
+        rc = search_prepare(db, sql, q, page.asof_id, &st);
+        rc = rc ? rc : search_step(ctx, st, search_row, &sc);
+    }
+    if (rc == 0 && q->count) {
+        if (q->after_id == 0 && q->limit > 0 && !page.more) {
+            page.total = (int64_t)sc.rows; /* the first page held every match: no second pass */
+        } else {
+            snprintf(sql, sizeof(sql), "SELECT count(*)%s", where);
+            rc = search_prepare(db, sql, q, page.asof_id, &st);
+            rc = rc ? rc : search_step(ctx, st, search_count_row, &page);
+        }
+    }
+    (void)sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
+    sqlite3_progress_handler(db, 0, NULL, NULL);
+    read_conn_put(s, db);
+    if (rc == 0) {
+        *page_out = page;
+    }
+    return rc;
+}
+
+static int sq_webhook_secret_set(th_store *store, const char *trial_id, const char *secret)
+{
+    sqlite_store *s = (sqlite_store *)store;
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(s->wdb, "UPDATE trials SET webhook_secret = ? WHERE id = ?", -1, &st,
+                           NULL) != SQLITE_OK) {
+        return TH_EIO;
+    }
+    bind_text(st, 1, secret);
+    bind_text(st, 2, trial_id);
+    int rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) {
+        return TH_EIO;
+    }
+    return sqlite3_changes(s->wdb) == 1 ? 0 : TH_ENOTFOUND;
+}
+
+struct secret_out {
+    char *out;
+    size_t len;
+    bool found;
+};
+
+static int secret_row(void *arg, sqlite3_stmt *st)
+{
+    struct secret_out *o = arg;
+    if (sqlite3_column_type(st, 0) != SQLITE_NULL) {
+        snprintf(o->out, o->len, "%s", col_text(st, 0));
+        o->found = true;
+    }
+    return 0;
+}
+
+static int sq_webhook_secret_get(th_store *store, const char *trial_id, char *out, size_t len)
+{
+    struct secret_out o = {out, len, false};
+    int rc =
+        read_rows_ctx((sqlite_store *)store, th_ctx_background(),
+                      "SELECT webhook_secret FROM trials WHERE id = ?", trial_id, secret_row, &o);
+    return rc != 0 ? rc : o.found ? 0 : TH_ENOTFOUND;
+}
+
 static int sq_ping(th_store *store)
 {
     sqlite_store *s = (sqlite_store *)store;
@@ -999,6 +1337,13 @@ static int sq_ping(th_store *store)
     return rc == SQLITE_OK ? 0 : TH_EIO;
 }
 
+/* For tables that live beside the store's and must be written in the writer's transaction (the
+ * queue's tasks, src/queue/sql.c). */
+static void *sq_write_conn(th_store *store)
+{
+    return ((sqlite_store *)store)->wdb;
+}
+
 static const th_store_ops sqlite_ops = {
     .name = "sqlite",
     .close = sq_close,
@@ -1007,14 +1352,18 @@ static const th_store_ops sqlite_ops = {
     .rollback = sq_rollback,
     .trial_insert = sq_trial_insert,
     .site_insert = sq_site_insert,
+    .site_upsert = sq_site_upsert,
     .patient_insert = sq_patient_insert,
     .key_insert = sq_key_insert,
     .key_revoke = sq_key_revoke,
     .qr_insert = sq_qr_insert,
     .qr_set_score = sq_qr_set_score,
     .progress_load = sq_progress_load,
+    .webhook_secret_set = sq_webhook_secret_set,
+    .webhook_secret_get = sq_webhook_secret_get,
     .trial_patients_each = sq_trial_patients_each,
     .report_scan = sq_report_scan,
+    .qr_search = sq_qr_search,
     .trials_each = sq_trials_each,
     .sites_each = sq_sites_each,
     .patients_each = sq_patients_each,
@@ -1023,4 +1372,5 @@ static const th_store_ops sqlite_ops = {
     .qr_pending = sq_qr_pending,
     .qr_count = sq_qr_count,
     .ping = sq_ping,
+    .write_conn = sq_write_conn,
 };

@@ -59,6 +59,11 @@ int th_store_site_insert(th_store *s, const th_site *site)
     return s->ops->site_insert(s, site);
 }
 
+int th_store_site_upsert(th_store *s, const th_site *site, bool *created)
+{
+    return s->ops->site_upsert(s, site, created);
+}
+
 int th_store_patient_insert(th_store *s, const th_patient *p)
 {
     return s->ops->patient_insert(s, p);
@@ -139,6 +144,22 @@ int th_store_report_scan(th_ctx *ctx, th_store *s, const char *trial_id,
                          int (*fn)(void *, const th_report_row *), void *arg)
 {
     return s->ops->report_scan(ctx, s, trial_id, fn, arg);
+}
+
+int th_store_qr_search(th_ctx *ctx, th_store *s, const th_qr_search *q,
+                       int (*fn)(void *, const th_qr_stored *), void *arg, th_qr_page *page)
+{
+    return s->ops->qr_search(ctx, s, q, fn, arg, page);
+}
+
+int th_store_webhook_secret_set(th_store *s, const char *trial_id, const char *secret)
+{
+    return s->ops->webhook_secret_set(s, trial_id, secret);
+}
+
+int th_store_webhook_secret_get(th_store *s, const char *trial_id, char *out, size_t len)
+{
+    return s->ops->webhook_secret_get(s, trial_id, out, len);
 }
 
 int th_store_qr_count(th_store *s, int64_t *count)

@@ -73,6 +73,7 @@ static void announce(th_scoring *s, const score_task *t)
             .score_seq = t->score.seq,
             .trial_id = t->trial_id,
             .site_id = t->site_id,
+            .patient_id = t->patient_id,
             .instrument = t->instrument,
             .visit_week = t->visit_week,
             .has_score = t->score.has_score,

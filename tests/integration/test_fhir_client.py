@@ -1,5 +1,6 @@
 """A real FHIR client nobody here wrote (npm fhir-kit-client, run with the machine's Node.js)
-creates a QuestionnaireResponse on trialhub and reads it back, score included."""
+creates a QuestionnaireResponse on trialhub and reads it back, score included, then searches for
+it and pages through the results with the client's own nextPage()."""
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ class FhirKitClient(ServerTest):
                              capture_output=True, text=True, timeout=120)
         self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
         self.assertIn("created and read", out.stdout)
+        self.assertIn("searched 2 pages", out.stdout)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,13 @@ class Progress(ServerTest):
     def test_3_alert_and_scores(self):
         def s2_alerts(d):
             return [s for s in d["sites"] if s["site"] == "S2"][0]["alerts"]["open"]
+
+        def rebuilds():
+            for line in self.server.request("GET", "/metrics").body.decode().splitlines():
+                if line.startswith('trialhub_progress_events_total{event="rebuild"}'):
+                    return float(line.split()[-1])
+            return None
+        rebuilds_before = rebuilds()
         self.assertEqual(s2_alerts(self.get(self.investigator).json()), 0)
         # Item 9 (thoughts of self-harm) answered: a safety alert once scored.
         r = self.server.post_fhir(phq9("P002", [0] * 8 + [2], week=2), self.p2)
@@ -113,6 +120,8 @@ class Progress(ServerTest):
             self.get(self.investigator).json()), timeout=3)
         self.assertIsNotNone(doc, "alert not counted")
         self.assertEqual(doc["alerts"]["open"], 1)
+        # Counted from the notes alone: a submission and its score need no rebuild.
+        self.assertEqual(rebuilds(), rebuilds_before)
         week2 = [c for c in doc["scores"] if c["week"] == 2
                  and c["instrument"] == "http://loinc.org/q/44249-1"]
         self.assertEqual(week2, [{"instrument": "http://loinc.org/q/44249-1", "week": 2, "n": 1,

@@ -33,7 +33,7 @@
  * runs the sanitizer builds two tests at a time: a broken wake-up hangs for seconds, so these
  * bounds still tell it apart from a slow scheduler. */
 #define LATE_NS   MS(20)
-#define PROMPT_NS MS(200)
+#define PROMPT_NS MS(500)
 
 /* Checks in threads other than cmocka's: count and print, asserted as zero by the main thread. */
 static atomic_int thread_failures;

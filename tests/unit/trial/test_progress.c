@@ -39,10 +39,10 @@ static int seed_apply(th_store *store, void *arg)
     rc = rc ? rc : th_store_trial_insert(store, &t2);
     static const char *const sites[] = {"S1", "S2", "S3"};
     for (int i = 0; rc == 0 && i < 3; i++) {
-        th_site s = {"T1", sites[i], sites[i]};
+        th_site s = {"T1", sites[i], sites[i], NULL, NULL};
         rc = th_store_site_insert(store, &s);
     }
-    th_site s9 = {"T2", "S9", "Site nine"};
+    th_site s9 = {"T2", "S9", "Site nine", NULL, NULL};
     rc = rc ? rc : th_store_site_insert(store, &s9);
     for (int i = 0; rc == 0 && i < 30; i++) {
         char id[16];

@@ -1,0 +1,218 @@
+/* th_run(): posix_spawn into a new process group, a poll() loop over the child's pipes and the
+ * context's descriptor, and a stop sequence (SIGTERM to the group, SIGKILL after the grace
+ * period) that always ends with the child reaped. */
+#include "trialhub/runner.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "trialhub/alloc.h"
+#include "trialhub/buf.h"
+#include "trialhub/clock.h"
+
+extern char **environ;
+
+void th_run_result_free(th_run_result *res)
+{
+    if (res) {
+        th_free(res->out);
+        res->out = NULL;
+    }
+}
+
+static void keep_tail(th_run_result *res, const char *data, size_t n)
+{
+    size_t cap = sizeof(res->err_tail) - 1;
+    size_t have = strlen(res->err_tail);
+    if (n >= cap) {
+        memcpy(res->err_tail, data + n - cap, cap);
+        res->err_tail[cap] = '\0';
+        return;
+    }
+    if (have + n > cap) {
+        size_t drop = have + n - cap;
+        memmove(res->err_tail, res->err_tail + drop, have - drop);
+        have -= drop;
+    }
+    memcpy(res->err_tail + have, data, n);
+    res->err_tail[have + n] = '\0';
+}
+
+static void close_fd(int *fd)
+{
+    if (*fd >= 0) {
+        close(*fd);
+        *fd = -1;
+    }
+}
+
+int th_run(th_ctx *ctx, char *const argv[], const char *stdin_data, size_t stdin_len,
+           const th_run_limits *limits, th_run_result *res)
+{
+    memset(res, 0, sizeof(*res));
+    res->exit_code = -1;
+    size_t max_out = limits && limits->max_stdout ? limits->max_stdout : (size_t)1 << 20;
+    uint64_t grace = limits && limits->grace_ns ? limits->grace_ns : 2 * TH_NS_PER_S;
+    uint64_t tick_ns = limits && limits->tick ? limits->tick_ns : 0;
+    int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1};
+    if (pipe2(in, O_CLOEXEC) != 0 || pipe2(out, O_CLOEXEC) != 0 || pipe2(err, O_CLOEXEC) != 0) {
+        for (int i = 0; i < 2; i++) {
+            close_fd(&in[i]);
+            close_fd(&out[i]);
+            close_fd(&err[i]);
+        }
+        return TH_ESYS;
+    }
+    posix_spawn_file_actions_t fa;
+    posix_spawnattr_t attr;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawnattr_init(&attr);
+    posix_spawn_file_actions_adddup2(&fa, in[0], 0);
+    posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+    posix_spawn_file_actions_adddup2(&fa, err[1], 2);
+    /* Its own process group, so that a stop reaches whatever it started; default signals. */
+    sigset_t none, all;
+    sigemptyset(&none);
+    sigfillset(&all);
+    posix_spawnattr_setpgroup(&attr, 0);
+    posix_spawnattr_setsigmask(&attr, &none);
+    posix_spawnattr_setsigdefault(&attr, &all);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK |
+                                        POSIX_SPAWN_SETSIGDEF);
+    pid_t pid;
+    int spawn_rc = posix_spawnp(&pid, argv[0], &fa, &attr, argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    posix_spawnattr_destroy(&attr);
+    close_fd(&in[0]);
+    close_fd(&out[1]);
+    close_fd(&err[1]);
+    if (spawn_rc != 0) {
+        close_fd(&in[1]);
+        close_fd(&out[0]);
+        close_fd(&err[0]);
+        snprintf(res->err_tail, sizeof(res->err_tail), "cannot start %s: %s", argv[0],
+                 strerror(spawn_rc));
+        return TH_ESYS;
+    }
+    res->pid = (long)pid;
+    fcntl(in[1], F_SETFL, O_NONBLOCK);
+    int ctx_fd = -1;
+    if (th_ctx_fd(ctx, &ctx_fd) != 0) {
+        ctx_fd = -1; /* the background context never ends */
+    }
+    th_buf buf;
+    th_buf_init(&buf, 0);
+    size_t written = 0;
+    if (stdin_len == 0) {
+        close_fd(&in[1]);
+    }
+    int rc = 0;
+    bool stopping = false, exited = false;
+    uint64_t kill_at = 0, next_tick = tick_ns ? th_clock_after_ns(tick_ns) : 0;
+    int status = 0;
+    while (!exited) {
+        struct pollfd fds[4];
+        int n = 0, i_in = -1, i_out = -1, i_err = -1, i_ctx = -1;
+        if (in[1] >= 0) {
+            fds[i_in = n++] = (struct pollfd){in[1], POLLOUT, 0};
+        }
+        if (out[0] >= 0) {
+            fds[i_out = n++] = (struct pollfd){out[0], POLLIN, 0};
+        }
+        if (err[0] >= 0) {
+            fds[i_err = n++] = (struct pollfd){err[0], POLLIN, 0};
+        }
+        if (ctx_fd >= 0 && !stopping) {
+            fds[i_ctx = n++] = (struct pollfd){ctx_fd, POLLIN, 0};
+        }
+        /* Pipes closed: the child is exiting; look for it every 20 ms. */
+        int timeout_ms = (out[0] < 0 && err[0] < 0) ? 20 : 100;
+        if (poll(fds, (nfds_t)n, timeout_ms) < 0 && errno != EINTR) {
+            break;
+        }
+        if (i_in >= 0 && fds[i_in].revents) {
+            ssize_t w = write(in[1], stdin_data + written, stdin_len - written);
+            if (w > 0) {
+                written += (size_t)w;
+            }
+            if ((w < 0 && errno != EAGAIN) || written == stdin_len) {
+                close_fd(&in[1]); /* done, or the child closed its stdin */
+            }
+        }
+        char chunk[16384];
+        if (i_out >= 0 && fds[i_out].revents) {
+            ssize_t r = read(out[0], chunk, sizeof(chunk));
+            if (r > 0) {
+                if (buf.len + (size_t)r > max_out) {
+                    if (!stopping) {
+                        rc = TH_ETOOBIG;
+                        stopping = true;
+                    }
+                } else {
+                    th_buf_append(&buf, chunk, (size_t)r);
+                }
+            } else if (r == 0 || errno != EAGAIN) {
+                close_fd(&out[0]);
+            }
+        }
+        if (i_err >= 0 && fds[i_err].revents) {
+            ssize_t r = read(err[0], chunk, sizeof(chunk));
+            if (r > 0) {
+                keep_tail(res, chunk, (size_t)r);
+            } else if (r == 0 || errno != EAGAIN) {
+                close_fd(&err[0]);
+            }
+        }
+        if (!stopping && th_ctx_done(ctx)) {
+            rc = th_ctx_err(ctx);
+            stopping = true;
+        }
+        uint64_t now = th_clock_now_ns();
+        if (!stopping && next_tick && now >= next_tick) {
+            int t = limits->tick(limits->tick_arg);
+            if (t != 0) {
+                rc = t;
+                stopping = true;
+            }
+            next_tick = now + tick_ns;
+        }
+        if (stopping && kill_at == 0) {
+            kill(-pid, SIGTERM);
+            kill_at = now + grace;
+        } else if (stopping && now >= kill_at) {
+            kill(-pid, SIGKILL);
+            kill_at = UINT64_MAX;
+        }
+        pid_t got = waitpid(pid, &status, WNOHANG);
+        if (got == pid) {
+            exited = true;
+        }
+    }
+    if (!exited) {
+        kill(-pid, SIGKILL);
+        (void)waitpid(pid, &status, 0);
+    }
+    /* Whatever else of its group is left (a grandchild), ends with it. */
+    kill(-pid, SIGKILL);
+    close_fd(&in[1]);
+    close_fd(&out[0]);
+    close_fd(&err[0]);
+    if (WIFEXITED(status)) {
+        res->exit_code = WEXITSTATUS(status);
+    } else if (WIFSIGNALED(status)) {
+        res->term_signal = WTERMSIG(status);
+    }
+    res->stopped = stopping;
+    res->out = th_buf_take(&buf, &res->out_len);
+    if (res->out == NULL && rc == 0) {
+        rc = TH_ENOMEM;
+    }
+    return rc;
+}
