@@ -1,9 +1,11 @@
 /* Assembles the route table from each area and holds what handlers share. */
 #include "http/api.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #include "trialhub/alloc.h"
+#include "trialhub/clock.h"
 #include "trialhub/log.h"
 
 th_api *th__api_of(th_req *req)
@@ -101,6 +103,43 @@ json_t *th__api_json_body(th_req *req)
         value = NULL;
     }
     return value;
+}
+
+uint64_t th__api_duration_ns(const char *text)
+{
+    char *end;
+    unsigned long long v = strtoull(text, &end, 10);
+    if (end == text || v == 0 || v > 86400000) {
+        return 0;
+    }
+    if (strcmp(end, "ms") == 0) {
+        return v * TH_NS_PER_MS;
+    }
+    if (*end == '\0' || strcmp(end, "s") == 0) {
+        return v * TH_NS_PER_S;
+    }
+    if (strcmp(end, "m") == 0) {
+        return v * 60 * TH_NS_PER_S;
+    }
+    if (strcmp(end, "h") == 0 && v <= 24) {
+        return v * 3600 * TH_NS_PER_S;
+    }
+    return 0;
+}
+
+bool th__api_url_ok(const char *url)
+{
+    size_t n = strlen(url);
+    if (n < 8 || n > 2000 ||
+        (strncmp(url, "https://", 8) != 0 && strncmp(url, "http://", 7) != 0)) {
+        return false;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if ((unsigned char)url[i] <= ' ' || url[i] == '"' || url[i] == '\\') {
+            return false;
+        }
+    }
+    return true;
 }
 
 void th__api_json(th_req *req, unsigned status, json_t *value)

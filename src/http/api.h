@@ -67,6 +67,12 @@ int th__health_register_metrics(th_api *api);
 /* Parses a JSON request body strictly (duplicate keys rejected); on failure answers 400 with
  * line and column and returns NULL. */
 json_t *th__api_json_body(th_req *req);
+/* A duration as clients write it: "500ms", "20s", "10m", "2h" (at most 24) or plain seconds.
+ * Returns nanoseconds, 0 when malformed. */
+uint64_t th__api_duration_ns(const char *text);
+/* Whether url is an http(s) URL of at most 2000 characters without spaces, quotes or
+ * backslashes (callback and site URLs; where it resolves is checked when it is used). */
+bool th__api_url_ok(const char *url);
 /* Answers status with a JSON value (consumed). */
 void th__api_json(th_req *req, unsigned status, json_t *value);
 

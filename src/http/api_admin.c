@@ -387,21 +387,6 @@ static void site_put_done(th_api_write *w, int status)
     th__api_json(req, a->created ? 201 : 200, out);
 }
 
-static bool url_ok(const char *url)
-{
-    size_t n = strlen(url);
-    if (n < 8 || n > 2000 ||
-        (strncmp(url, "https://", 8) != 0 && strncmp(url, "http://", 7) != 0)) {
-        return false;
-    }
-    for (size_t i = 0; i < n; i++) {
-        if ((unsigned char)url[i] <= ' ' || url[i] == '"' || url[i] == '\\') {
-            return false;
-        }
-    }
-    return true;
-}
-
 static void site_put(th_req *req)
 {
     const char *trial_id = req->params[0];
@@ -424,7 +409,7 @@ static void site_put(th_req *req)
     json_t *v = json_object_get(body, "fhir_base_url");
     if (v && !json_is_null(v)) {
         url = json_string_value(v);
-        if (url == NULL || !url_ok(url)) {
+        if (url == NULL || !th__api_url_ok(url)) {
             problem(&p, "/fhir_base_url", "must be an http(s) URL of at most 2000 characters");
         }
     }

@@ -67,21 +67,6 @@ static char *dup_str(const char *s)
     return c;
 }
 
-static bool url_ok(const char *url)
-{
-    size_t n = strlen(url);
-    if (n < 8 || n > 2000 ||
-        (strncmp(url, "https://", 8) != 0 && strncmp(url, "http://", 7) != 0)) {
-        return false;
-    }
-    for (size_t i = 0; i < n; i++) {
-        if ((unsigned char)url[i] <= ' ' || url[i] == '"' || url[i] == '\\') {
-            return false;
-        }
-    }
-    return true;
-}
-
 /* Checks the query and the key's scope before the first byte is kept. */
 static void upload_begin(th_req *req, upload *u)
 {
@@ -93,7 +78,7 @@ static void upload_begin(th_req *req, upload *u)
         set_error(u, 400, "trial and subject query parameters are required");
         return;
     }
-    if (callback && !url_ok(callback)) {
+    if (callback && !th__api_url_ok(callback)) {
         set_error(u, 400, "callback_url must be an http(s) URL of at most 2000 characters");
         return;
     }

@@ -23,29 +23,6 @@ static bool may_collect(th_req *req, const char *trial_id)
     return false;
 }
 
-/* "10s", "500ms", "15m", "2h", or plain seconds; 0 if malformed. */
-static uint64_t parse_duration(const char *s)
-{
-    char *end;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (end == s || v == 0 || v > 86400000) {
-        return 0;
-    }
-    if (strcmp(end, "ms") == 0) {
-        return v * TH_NS_PER_MS;
-    }
-    if (*end == '\0' || strcmp(end, "s") == 0) {
-        return v * TH_NS_PER_S;
-    }
-    if (strcmp(end, "m") == 0) {
-        return v * 60 * TH_NS_PER_S;
-    }
-    if (strcmp(end, "h") == 0 && v <= 24) {
-        return v * 3600 * TH_NS_PER_S;
-    }
-    return 0;
-}
-
 static void collections_post(th_req *req)
 {
     const char *trial_id = req->params[0];
@@ -60,7 +37,7 @@ static void collections_post(th_req *req)
     th_collection_request creq = {.trial_id = trial_id, .since = th__req_query(req, "since")};
     const char *timeout = th__req_query(req, "timeout");
     if (timeout) {
-        creq.timeout_ns = parse_duration(timeout);
+        creq.timeout_ns = th__api_duration_ns(timeout);
         if (creq.timeout_ns == 0) {
             th__resp_error(req, 400, "timeout must be a duration such as 30s, 10m or 2h (max 24h)");
             return;

@@ -82,26 +82,6 @@ static bool parse_chart(const char *s, th_report_chart *out)
     return false;
 }
 
-/* "20s", "1500ms", "2m", or plain seconds. Returns nanoseconds, 0 if malformed. */
-static uint64_t parse_duration(const char *s)
-{
-    char *end;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (end == s || v == 0 || v > 86400000) {
-        return 0;
-    }
-    if (strcmp(end, "ms") == 0) {
-        return v * TH_NS_PER_MS;
-    }
-    if (*end == '\0' || strcmp(end, "s") == 0) {
-        return v * TH_NS_PER_S;
-    }
-    if (strcmp(end, "m") == 0) {
-        return v * 60 * TH_NS_PER_S;
-    }
-    return 0;
-}
-
 /* Reads format, chart and timeout; answers 400 and returns false on a bad one. */
 static bool parse_request(th_req *req, const char *format, const char *chart, const char *timeout,
                           th_report_key *key, uint64_t *timeout_ns)
@@ -125,7 +105,7 @@ static bool parse_request(th_req *req, const char *format, const char *chart, co
         (uint64_t)(cfg->report_max_timeout_s ? cfg->report_max_timeout_s : 120) * TH_NS_PER_S;
     *timeout_ns = 20 * TH_NS_PER_S;
     if (timeout) {
-        *timeout_ns = parse_duration(timeout);
+        *timeout_ns = th__api_duration_ns(timeout);
         if (*timeout_ns == 0 || *timeout_ns > max_ns) {
             char detail[128];
             snprintf(detail, sizeof(detail),
