@@ -16,7 +16,7 @@ blob folder, server log), seeded with trial T1, site S1, patient P001 and an adm
    uploads/s and MB/s count the 202s that completed in that window. The server's VmRSS is sampled
    every 100 ms; VmHWM is reset (/proc/PID/clear_refs) before each cell and read after it. Cells:
    the small image at 16 and 64 connections, the large one at 16. Server and client CPU are
-   given as a share of one core, to show which side was the limit.
+   given as a share of one core, to show which side was the limit, and the server's per upload.
 2. Queue: M tasks are queued by uploading the small image with `serve --workers 0`; the server
    is stopped and the database kept as a template. Per cell a copy of it (fresh each time) is
    worked by `trialhub worker` processes running bench/analysis/noop.sh (reads stdin, prints
@@ -27,8 +27,15 @@ blob folder, server log), seeded with trial T1, site S1, patient P001 and an adm
 3. End to end: uploads of the small image at a fixed rate (--e2e-rate, default 20/s for 30 s),
    analysed by the real `trialhub analyze` in 2 workers: embedded (`serve --workers 2`), and in a
    `trialhub worker --workers 2` process beside `serve --workers 0`. Per upload: the time from
-   sending it to the GET /v1/analyses/{id} (polled every 20 ms) that shows `succeeded`, and the
-   part of it until the 202.
+   sending it to the GET /v1/analyses/{id} (polled every 20 ms) that shows `succeeded`, and its
+   parts: until the 202; from the task's created_at to its updated_at (queued to succeeded, the
+   server's clock, ms); within that, the workers' "analysis succeeded" log's seconds (analyzer
+   run and result committed); and from updated_at to the GET that saw it. Polling costs the
+   server one GET per outstanding task every 20 ms (GETs/s in the table): little while the
+   workers keep up, much when a backlog builds.
+
+The machine may be shared: every cell gives the share of its time in which some task of the
+machine waited for a CPU and for I/O (Linux PSI, /proc/pressure/{cpu,io} "some").
 
 Prints Markdown tables. Every process started here is stopped by its pid; temp folders are
 removed (BENCH_KEEP=1 keeps them). Run with Debian's /usr/bin/python3 (python3-pydicom,
@@ -39,7 +46,6 @@ import sys
 
 try:
     import numpy as np
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
 except ImportError:
@@ -58,7 +64,6 @@ import shutil
 import signal
 import socket
 import sqlite3
-import statistics
 import struct
 import subprocess
 import tempfile
@@ -586,8 +591,10 @@ def e2e_one(port, key, image, poll_s, timeout_s):
         if status != 202:
             return {"t0": t0, "error": "upload %d" % status}
         task = json.loads(body)["id"]
+        gets = 0
         while True:
             time.sleep(poll_s)
+            gets += 1
             conn.request("GET", "/v1/analyses/" + task,
                          headers={"Authorization": "Bearer " + key})
             r = conn.getresponse()
@@ -604,7 +611,7 @@ def e2e_one(port, key, image, poll_s, timeout_s):
                 created, finished = iso_s(doc["created_at"]), iso_s(doc["updated_at"])
                 return {"t0": t0, "accepted": t_accepted - t0, "total": now - t0,
                         "queued_to_done": finished - created, "done_to_seen": seen - finished,
-                        "attempts": doc.get("attempts", 1)}
+                        "attempts": doc.get("attempts", 1), "gets": gets}
             if state in ("dead", "canceled"):
                 return {"t0": t0, "error": "state " + state}
             if now - t0 > timeout_s:
@@ -647,7 +654,8 @@ def e2e_cell(args, work, small, mode):
                 futures.append(pool.submit(e2e_one, server.port, key, small,
                                            args.poll_ms / 1e3, args.e2e_timeout))
             results = [f.result() for f in futures]
-        psi = pressure_share(psi0, pressure_us(), time.monotonic() - t_psi)
+        elapsed = time.monotonic() - t_psi
+        psi = pressure_share(psi0, pressure_us(), elapsed)
         srv_log = open(server.log_path, "rb").read().decode("utf-8", "replace")
         worker_log = open(os.path.join(folder, "worker.log"), "rb").read().decode(
             "utf-8", "replace") if worker else ""
@@ -666,19 +674,31 @@ def e2e_cell(args, work, small, mode):
     q2d = [r["queued_to_done"] * 1e3 for r in ok]
     d2s = [r["done_to_seen"] * 1e3 for r in ok]
     failed_attempts = (srv_log + worker_log).count('"analysis attempt failed"')
+    # The workers' own time per task: from starting the analyzer to the result committed.
+    run_ms = []
+    for line in (srv_log + worker_log).splitlines():
+        if '"analysis succeeded"' in line:
+            try:
+                run_ms.append(float(json.loads(line)["seconds"]) * 1e3)
+            except (ValueError, KeyError):
+                pass
     out = {"mode": mode, "n": len(results), "ok": len(ok), "errors": errors, "lag_ms": lag * 1e3,
            "p50": percentile(tot, 0.5), "p90": percentile(tot, 0.9),
            "p99": percentile(tot, 0.99), "max": max(tot) if tot else float("nan"),
            "acc_p50": percentile(acc, 0.5), "acc_p99": percentile(acc, 0.99),
            "q2d_p50": percentile(q2d, 0.5), "q2d_p99": percentile(q2d, 0.99),
            "d2s_p50": percentile(d2s, 0.5), "failed_attempts": failed_attempts,
-           "retried": sum(1 for r in ok if r["attempts"] > 1), "psi": psi}
+           "run_p50": percentile(run_ms, 0.5), "run_p99": percentile(run_ms, 0.99),
+           "retried": sum(1 for r in ok if r["attempts"] > 1), "psi": psi,
+           "gets_per_s": sum(r["gets"] for r in ok) / elapsed}
     print("  %d/%d succeeded; upload to succeeded p50 %.0f ms, p90 %.0f, p99 %.0f, max %.0f;"
-          " upload to 202 p50 %.1f ms, p99 %.1f; queued to succeeded p50 %.0f ms, p99 %.0f;"
-          " succeeded to seen p50 %.0f ms; schedule lag max %.1f ms; CPU/IO pressure %s%s" % (
+          " upload to 202 p50 %.1f ms, p99 %.1f; queued to succeeded p50 %.0f ms, p99 %.0f"
+          " (of which analyzer run + finish p50 %.0f ms, p99 %.0f); succeeded to seen p50 %.0f"
+          " ms; %.0f GETs/s; schedule lag max %.1f ms; CPU/IO pressure %s%s" % (
               out["ok"], out["n"], out["p50"], out["p90"], out["p99"], out["max"],
-              out["acc_p50"], out["acc_p99"], out["q2d_p50"], out["q2d_p99"], out["d2s_p50"],
-              out["lag_ms"], fmt_psi(psi), "; errors %s" % errors if errors else ""), flush=True)
+              out["acc_p50"], out["acc_p99"], out["q2d_p50"], out["q2d_p99"], out["run_p50"],
+              out["run_p99"], out["d2s_p50"], out["gets_per_s"], out["lag_ms"], fmt_psi(psi),
+              "; errors %s" % errors if errors else ""), flush=True)
     if not BENCH_KEEP:
         shutil.rmtree(folder, ignore_errors=True)
     return out
@@ -820,16 +840,18 @@ def main():
               "succeeded." % (args.e2e_rate, args.e2e_seconds, args.e2e_workers, args.poll_ms))
         print()
         print("| workers | uploads | succeeded | p50 ms | p90 ms | p99 ms | max ms |"
-              " to 202 p50 / p99 ms | queued to succeeded p50 / p99 ms | succeeded to seen p50 ms"
-              " | CPU / IO pressure | failed attempts | errors |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              " to 202 p50 / p99 ms | queued to succeeded p50 / p99 ms | analyzer run + finish"
+              " p50 / p99 ms | succeeded to seen p50 ms | polling GETs/s | CPU / IO pressure |"
+              " failed attempts | errors |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in e2e:
-            print("| %s | %d | %d | %.0f | %.0f | %.0f | %.0f | %.1f / %.1f | %.0f / %.0f | %.0f |"
-                  " %s | %d | %s |" % (
+            print("| %s | %d | %d | %.0f | %.0f | %.0f | %.0f | %.1f / %.1f | %.0f / %.0f |"
+                  " %.0f / %.0f | %.0f | %.0f | %s | %d | %s |" % (
                       "serve --workers %d" % args.e2e_workers if r["mode"] == "embedded"
                       else "worker --workers %d (process)" % args.e2e_workers,
                       r["n"], r["ok"], r["p50"], r["p90"], r["p99"], r["max"], r["acc_p50"],
-                      r["acc_p99"], r["q2d_p50"], r["q2d_p99"], r["d2s_p50"], fmt_psi(r["psi"]),
+                      r["acc_p99"], r["q2d_p50"], r["q2d_p99"], r["run_p50"], r["run_p99"],
+                      r["d2s_p50"], r["gets_per_s"], fmt_psi(r["psi"]),
                       r["failed_attempts"],
                       ", ".join("%s: %d" % kv for kv in r["errors"].items()) or "-"))
     print()

@@ -28,7 +28,9 @@ typedef struct th_run_result {
     bool stopped;    /* we stopped it (context ended, tick asked, output too large) */
     char *out;       /* stdout, NUL-terminated (th_free); NULL on error */
     size_t out_len;
-    char err_tail[512]; /* the last bytes of stderr, NUL-terminated */
+    char err_tail[512]; /* the last bytes of stderr, NUL-terminated (may hold anything the
+                         * program printed: never log it) */
+    size_t err_bytes;   /* bytes it wrote to stderr */
     long pid;           /* the child's pid (tests check it is gone) */
 } th_run_result;
 

@@ -211,10 +211,11 @@ static void run_analysis(worker *w, const th_task *t)
     bool shutting_down = th_ctx_done(ws->stop);
     th_ctx_release(ctx);
     w->task = NULL;
-    if (res.err_tail[0]) {
-        /* The analyzer's own diagnostics, bounded. */
-        TH_LOG(TH_LOG_INFO, "analyzer stderr", TH_LOG_STR("task", t->id),
-               TH_LOG_STR("tail", res.err_tail));
+    if (res.err_bytes) {
+        /* What the analyzer printed is its own business and may hold anything (a library
+         * quoting a DICOM header): only its size is logged. */
+        TH_LOG(TH_LOG_INFO, "analyzer wrote to stderr", TH_LOG_STR("task", t->id),
+               TH_LOG_INT("bytes", res.err_bytes));
     }
     char reason[256];
     if (rc == TH_ECANCELED && !shutting_down) {
@@ -244,8 +245,10 @@ static void run_analysis(worker *w, const th_task *t)
         json_t *out = json_loadb(res.out ? res.out : "", res.out_len, 0, &jerr);
         const char *error = json_string_value(json_object_get(out, "error"));
         if (res.exit_code != 0) {
-            snprintf(reason, sizeof(reason), "the analyzer exited with code %d%s%.160s",
-                     res.exit_code, error ? ": " : "", error ? error : "");
+            /* Its own error text is not kept: last_error is shown by the API and webhooks, and
+             * an analyzer's message may quote the image's header. */
+            snprintf(reason, sizeof(reason), "the analyzer exited with code %d%s", res.exit_code,
+                     error ? " and an error message" : "");
             /* 2: a bad request, 3: an unreadable image; anything else may pass next time. */
             fail_task(w, t, reason, res.exit_code != 2 && res.exit_code != 3);
         } else if (!json_is_object(out)) {

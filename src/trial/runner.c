@@ -7,7 +7,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
+#include <sys/prctl.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/wait.h>
@@ -16,8 +16,6 @@
 #include "trialhub/alloc.h"
 #include "trialhub/buf.h"
 #include "trialhub/clock.h"
-
-extern char **environ;
 
 void th_run_result_free(th_run_result *res)
 {
@@ -70,26 +68,38 @@ int th_run(th_ctx *ctx, char *const argv[], const char *stdin_data, size_t stdin
         }
         return TH_ESYS;
     }
-    posix_spawn_file_actions_t fa;
-    posix_spawnattr_t attr;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawnattr_init(&attr);
-    posix_spawn_file_actions_adddup2(&fa, in[0], 0);
-    posix_spawn_file_actions_adddup2(&fa, out[1], 1);
-    posix_spawn_file_actions_adddup2(&fa, err[1], 2);
-    /* Its own process group, so that a stop reaches whatever it started; default signals. */
-    sigset_t none, all;
+    /* fork + exec rather than posix_spawn: the child must die with us (PR_SET_PDEATHSIG), or a
+     * worker killed with SIGKILL would leave a hanging analyzer running without a deadline.
+     * Between fork and exec only async-signal-safe calls. */
+    pid_t parent = getpid();
+    sigset_t none;
     sigemptyset(&none);
-    sigfillset(&all);
-    posix_spawnattr_setpgroup(&attr, 0);
-    posix_spawnattr_setsigmask(&attr, &none);
-    posix_spawnattr_setsigdefault(&attr, &all);
-    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK |
-                                        POSIX_SPAWN_SETSIGDEF);
-    pid_t pid;
-    int spawn_rc = posix_spawnp(&pid, argv[0], &fa, &attr, argv, environ);
-    posix_spawn_file_actions_destroy(&fa);
-    posix_spawnattr_destroy(&attr);
+    pid_t pid = fork();
+    if (pid == 0) {
+        setpgid(0, 0); /* its own group: a stop reaches whatever it starts */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() != parent) {
+            _exit(127); /* the parent died before prctl */
+        }
+        struct sigaction dfl = {.sa_handler = SIG_DFL};
+        for (int sig = 1; sig < NSIG; sig++) {
+            (void)sigaction(sig, &dfl, NULL);
+        }
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        if (dup2(in[0], 0) < 0 || dup2(out[1], 1) < 0 || dup2(err[1], 2) < 0) {
+            _exit(127);
+        }
+        execvp(argv[0], argv);
+        static const char msg[] = "cannot start the analyzer\n";
+        if (write(2, msg, sizeof(msg) - 1) < 0) {
+            /* nothing more to do */
+        }
+        _exit(127);
+    }
+    int spawn_rc = pid < 0 ? errno : 0;
+    if (pid > 0) {
+        setpgid(pid, pid); /* also from here: no race with the first kill(-pid) */
+    }
     close_fd(&in[0]);
     close_fd(&out[1]);
     close_fd(&err[1]);
@@ -103,6 +113,8 @@ int th_run(th_ctx *ctx, char *const argv[], const char *stdin_data, size_t stdin
     }
     res->pid = (long)pid;
     fcntl(in[1], F_SETFL, O_NONBLOCK);
+    fcntl(out[0], F_SETFL, O_NONBLOCK);
+    fcntl(err[0], F_SETFL, O_NONBLOCK);
     int ctx_fd = -1;
     if (th_ctx_fd(ctx, &ctx_fd) != 0) {
         ctx_fd = -1; /* the background context never ends */
@@ -115,6 +127,7 @@ int th_run(th_ctx *ctx, char *const argv[], const char *stdin_data, size_t stdin
     }
     int rc = 0;
     bool stopping = false, exited = false;
+    uint64_t exited_at = 0;
     uint64_t kill_at = 0, next_tick = tick_ns ? th_clock_after_ns(tick_ns) : 0;
     int status = 0;
     while (!exited) {
@@ -147,7 +160,8 @@ int th_run(th_ctx *ctx, char *const argv[], const char *stdin_data, size_t stdin
             }
         }
         char chunk[16384];
-        if (i_out >= 0 && fds[i_out].revents) {
+        /* Read until the pipe is empty: a child may write all and exit between two polls. */
+        while (out[0] >= 0 && (i_out < 0 || fds[i_out].revents || exited_at)) {
             ssize_t r = read(out[0], chunk, sizeof(chunk));
             if (r > 0) {
                 if (buf.len + (size_t)r > max_out) {
@@ -158,17 +172,24 @@ int th_run(th_ctx *ctx, char *const argv[], const char *stdin_data, size_t stdin
                 } else {
                     th_buf_append(&buf, chunk, (size_t)r);
                 }
-            } else if (r == 0 || errno != EAGAIN) {
+                continue;
+            }
+            if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
                 close_fd(&out[0]);
             }
+            break;
         }
-        if (i_err >= 0 && fds[i_err].revents) {
+        while (err[0] >= 0 && (i_err < 0 || fds[i_err].revents || exited_at)) {
             ssize_t r = read(err[0], chunk, sizeof(chunk));
             if (r > 0) {
                 keep_tail(res, chunk, (size_t)r);
-            } else if (r == 0 || errno != EAGAIN) {
+                res->err_bytes += (size_t)r;
+                continue;
+            }
+            if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
                 close_fd(&err[0]);
             }
+            break;
         }
         if (!stopping && th_ctx_done(ctx)) {
             rc = th_ctx_err(ctx);
@@ -190,12 +211,16 @@ int th_run(th_ctx *ctx, char *const argv[], const char *stdin_data, size_t stdin
             kill(-pid, SIGKILL);
             kill_at = UINT64_MAX;
         }
-        pid_t got = waitpid(pid, &status, WNOHANG);
-        if (got == pid) {
+        if (exited_at == 0 && waitpid(pid, &status, WNOHANG) == pid) {
+            exited_at = now ? now : 1;
+        }
+        /* Done once it exited and its pipes are drained to their end; a process it left
+         * holding them open gets one second, then the group's SIGKILL below. */
+        if (exited_at && ((out[0] < 0 && err[0] < 0) || now - exited_at > TH_NS_PER_S)) {
             exited = true;
         }
     }
-    if (!exited) {
+    if (exited_at == 0) {
         kill(-pid, SIGKILL);
         (void)waitpid(pid, &status, 0);
     }

@@ -16,6 +16,9 @@ image's bytes to {"mode": ..., more options}; an image not listed gets "ok". Mod
   garbage     prints text that is not JSON, exit 0
   array       prints a JSON array (valid JSON, not an object), exit 0
   unreadable  prints {"error": ...} and exits 3 (an image it cannot read: not retryable)
+  big         answers with "bytes" (default 40000) of padding in the answer, written at once,
+              and exits right after (os._exit): more than one read of the pipe, all of it
+              there before the exit. With "go": waits for the file RUNS_DIR/<go> first
 
 Each run writes RUNS_DIR/<task>.<pid>.json when it starts (atomically): {"task", "pid", "ppid",
 "pgid", "start" (Unix time), "mode", "run" (1 for the task's first run, ...), "request",
@@ -82,10 +85,21 @@ def main():
     elif mode == "array":
         sys.stdout.write("[1, 2, 3]\n")
         return 0
+    elif mode == "big":
+        answer["padding"] = "x" * int(spec.get("bytes", 40000))
+        while spec.get("go") and not os.path.exists(os.path.join(runs, spec["go"])):
+            time.sleep(0.01)
+        data = (json.dumps(answer) + "\n").encode()
+        sys.stdout.flush()
+        written = 0
+        while written < len(data):
+            written += os.write(1, data[written:])
+        os._exit(0)  # at once: no interpreter shutdown between the write and the exit
     elif mode == "unreadable":
         sys.stdout.write(json.dumps({"error": "fake: cannot read this image"}) + "\n")
         return 3
     sys.stdout.write(json.dumps(answer) + "\n")
+    sys.stdout.flush()
     return 0
 
 
