@@ -208,10 +208,13 @@ static void commit_blob(void *arg, int pool_status)
 {
     upload *u = arg;
     th_req *req = u->req;
-    int rc = pool_status == 0 ? th_blob_writer_commit(th_ctx_background(), u->blob, u->key)
-                              : TH_ESHUTDOWN;
+    int rc = TH_ESHUTDOWN;
+    if (pool_status == 0) {
+        /* Commit ends the writer, whether it succeeds or not (then nothing is left). */
+        rc = th_blob_writer_commit(th_ctx_background(), u->blob, u->key);
+        u->blob = NULL;
+    }
     if (rc == 0) {
-        u->blob = NULL; /* committed: the writer object is gone */
         th_analysis_request ar = {u->trial_id,  u->subject,      u->key,  u->info.modality,
                                   u->info.rows, u->info.columns, u->size, u->callback_url};
         rc = th_analysis_payload(&ar, &u->payload);
