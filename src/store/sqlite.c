@@ -743,6 +743,23 @@ static int sq_qr_set_score(th_store *store, th_qr_score *sc, int64_t now_ms)
 
 typedef int (*row_fn)(void *arg, sqlite3_stmt *st);
 
+/* Steps a prepared read statement to its end, calling fn per row. */
+static int step_rows(sqlite3_stmt *st, row_fn fn, void *arg)
+{
+    int rc = 0, step;
+    while ((step = sqlite3_step(st)) == SQLITE_ROW) {
+        rc = fn(arg, st);
+        if (rc != 0) {
+            break;
+        }
+    }
+    if (rc == 0 && step != SQLITE_DONE) {
+        rc = TH_EIO;
+    }
+    sqlite3_reset(st);
+    return rc;
+}
+
 /* Runs sql on a pooled read connection, calling fn per row. */
 static int read_rows(sqlite_store *s, const char *sql, const int64_t *ints, int nints, row_fn fn,
                      void *arg)
@@ -760,16 +777,7 @@ static int read_rows(sqlite_store *s, const char *sql, const int64_t *ints, int 
     for (int i = 0; i < nints; i++) {
         sqlite3_bind_int64(st, i + 1, ints[i]);
     }
-    int step;
-    while ((step = sqlite3_step(st)) == SQLITE_ROW) {
-        rc = fn(arg, st);
-        if (rc != 0) {
-            break;
-        }
-    }
-    if (rc == 0 && step != SQLITE_DONE) {
-        rc = TH_EIO;
-    }
+    rc = step_rows(st, fn, arg);
     sqlite3_finalize(st);
     read_conn_put(s, db);
     return rc;
@@ -947,23 +955,6 @@ static int sq_qr_count(th_store *store, int64_t *count)
                      count_row, count);
 }
 
-/* Steps a prepared read statement to its end, calling fn per row. */
-static int step_rows(sqlite3_stmt *st, row_fn fn, void *arg)
-{
-    int rc = 0, step;
-    while ((step = sqlite3_step(st)) == SQLITE_ROW) {
-        rc = fn(arg, st);
-        if (rc != 0) {
-            break;
-        }
-    }
-    if (rc == 0 && step != SQLITE_DONE) {
-        rc = TH_EIO;
-    }
-    sqlite3_reset(st);
-    return rc;
-}
-
 static int watermark_row(void *arg, sqlite3_stmt *st)
 {
     th_progress_load *load = arg;
@@ -1056,15 +1047,9 @@ static int read_rows_ctx(sqlite_store *s, th_ctx *ctx, const char *sql, const ch
         rc = th_ctx_done(ctx) ? th_ctx_err(ctx) : TH_EIO;
     } else {
         sqlite3_bind_text(st, 1, param, -1, SQLITE_STATIC);
-        int step;
-        while ((step = sqlite3_step(st)) == SQLITE_ROW) {
-            rc = fn(arg, st);
-            if (rc != 0) {
-                break;
-            }
-        }
-        if (rc == 0 && step != SQLITE_DONE) {
-            rc = step == SQLITE_INTERRUPT && th_ctx_done(ctx) ? th_ctx_err(ctx) : TH_EIO;
+        rc = step_rows(st, fn, arg);
+        if (rc == TH_EIO && th_ctx_done(ctx)) {
+            rc = th_ctx_err(ctx); /* interrupted by the progress handler */
         }
         sqlite3_finalize(st);
     }
